@@ -1,0 +1,188 @@
+"""Python API: `aheadlm.load(...)` -> LLM with generate / stream / chat."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .checkpoint import load_model
+from .engine import Engine, GenerationStats, Step
+from .errors import InvalidRequestError
+from .registry import REGISTRY, resolve
+from .sampling import SamplingParams
+from .tokenizer import PLAIN_CHAT_STOP, TextStream, Tokenizer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InvalidRequestError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidRequestError("device 'cuda' requested but no CUDA device is available")
+    return device
+
+
+class _StopMatcher:
+    """Finds stop strings in streamed text, holding back a tail that could start one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """-> (text safe to emit, whether a stop string was hit)."""
+        self.pending += delta
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[: min(hits)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out) :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class LLM:
+    """A loaded target model (and, when given, its drafter), ready to generate."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, name: str):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.name = name
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not all(isinstance(i, int) for i in ids):
+            raise InvalidRequestError("a prompt must be a string or a list of token ids")
+        return ids
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[Step]:
+        """Yield `Step`s with text deltas; the last one has `finish_reason` set."""
+        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        ids = self._prompt_ids(prompt)
+        stop_ids = tuple(stop_token_ids) + (() if ignore_eos else self.tokenizer.stop_ids)
+        steps = self.engine.generate(ids, params, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats)
+        text = TextStream(self.tokenizer)
+        matcher = _StopMatcher(stops)
+        for step in steps:
+            delta = text.push(step.token_ids)
+            if step.finish_reason:
+                delta += text.flush()
+            step.text, hit = matcher.feed(delta)
+            if hit:
+                step.finish_reason = "stop"
+                steps.close()
+                yield step
+                return
+            if step.finish_reason:
+                step.text += matcher.flush()
+            yield step
+            if step.finish_reason:
+                return
+
+    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
+        stats = kwargs.pop("stats", None) or GenerationStats()
+        text, ids, reason = [], [], "length"
+        for step in self.stream(prompt, stats=stats, **kwargs):
+            text.append(step.text)
+            ids.extend(step.token_ids)
+            reason = step.finish_reason or reason
+        return Completion("".join(text), ids, reason, stats)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
+        """Token ids for a conversation and the stop strings its format needs."""
+        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+            raise InvalidRequestError("messages must be a non-empty list of {role, content} objects")
+        extra_stop = [] if self.tokenizer.has_chat_template else list(PLAIN_CHAT_STOP)
+        return self.tokenizer.chat_ids(messages), extra_stop
+
+    def stream_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Iterator[Step]:
+        ids, extra_stop = self.chat_prompt(messages)
+        stop = kwargs.pop("stop", None)
+        stops = ([stop] if isinstance(stop, str) else list(stop or [])) + extra_stop
+        return self.stream(ids, stop=stops, **kwargs)
+
+    def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Completion:
+        ids, extra_stop = self.chat_prompt(messages)
+        stop = kwargs.pop("stop", None)
+        stops = ([stop] if isinstance(stop, str) else list(stop or [])) + extra_stop
+        return self.generate(ids, stop=stops, **kwargs)
+
+
+def load(
+    model: str | os.PathLike = "gemma3-270m",
+    *,
+    drafter: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    n_ctx: int | None = None,
+) -> LLM:
+    """Load a model by registered name (`gemma3-270m`, `smollm2-135m`), GGUF path or HF folder."""
+    path = resolve(model)
+    device = resolve_device(device)
+    net, tokenizer = load_model(path, resolve_dtype(dtype), device)
+    if tokenizer is None:
+        raise InvalidRequestError(f"{path}: no tokenizer found next to the weights")
+    engine = Engine(net, n_ctx=n_ctx)
+    name = str(model) if str(model) in REGISTRY else path.name
+    return LLM(engine, tokenizer, name)

@@ -1,0 +1,200 @@
+"""Load a target model from a GGUF file or a Hugging Face folder into our Transformer.
+
+GGUF files are dequantized once and cached as float32 safetensors next to the converted tokenizer,
+so later loads are memory-mapped reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, from_hf_config
+from .errors import ModelNotFoundError, UnsupportedModelError, WeightsError
+from .model import Transformer
+from .progress import progress, status
+from .registry import cache_dir
+from .tokenizer import Tokenizer
+
+CACHE_FORMAT = 1
+
+# Hugging Face parameter names -> ours. Gemma's post_attention_layernorm is a sandwich norm; Llama's
+# is the norm before the MLP.
+_HF_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn.q",
+    "self_attn.k_proj": "attn.k",
+    "self_attn.v_proj": "attn.v",
+    "self_attn.o_proj": "attn.o",
+    "self_attn.q_norm": "attn.q_norm",
+    "self_attn.k_norm": "attn.k_norm",
+    "pre_feedforward_layernorm": "mlp_norm",
+    "post_feedforward_layernorm": "post_mlp_norm",
+    "mlp.gate_proj": "mlp.gate",
+    "mlp.up_proj": "mlp.up",
+    "mlp.down_proj": "mlp.down",
+}
+_HF_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+_HF_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def hf_to_ours(name: str, arch: str) -> str | None:
+    """Our parameter name for a Hugging Face one (None for tensors we skip, e.g. vision towers)."""
+    if name == "lm_head.weight":
+        return name
+    for p in _HF_PREFIXES:
+        if name.startswith(p):
+            name = name[len(p) :]
+            break
+    else:
+        return None
+    if name == "embed_tokens.weight":
+        return "embed.weight"
+    if name == "norm.weight":
+        return "norm.weight"
+    m = _HF_LAYER_RE.match(name)
+    if not m:
+        return None
+    i, mod, kind = m.groups()
+    if mod == "post_attention_layernorm":
+        mod = "post_attn_norm" if arch == "gemma3" else "mlp_norm"
+    else:
+        mod = _HF_LAYER.get(mod)
+    return None if mod is None else f"layers.{i}.{mod}.{kind}"
+
+
+def hf_state_dict(tensors, config: ModelConfig):
+    """Map (name, tensor) pairs from a Hugging Face checkpoint to ours; Gemma norms become 1 + w."""
+    for name, t in tensors:
+        ours = hf_to_ours(name, config.arch)
+        if ours is None or (ours == "lm_head.weight" and config.tie_embeddings):
+            continue
+        if config.arch == "gemma3" and ours.endswith("norm.weight"):
+            t = t.float() + 1.0
+        yield ours, t
+
+
+def build_model(config: ModelConfig, tensors, dtype=torch.float32, device="cpu") -> Transformer:
+    """Instantiate without random init and fill from (name, tensor) pairs; strict about names/shapes."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = dict(model.state_dict())
+    state, divisors = {}, None
+    for name, t in tensors:
+        if name == "rope_freqs":
+            divisors = t
+            continue
+        if name not in expected:
+            continue
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise WeightsError(
+                f"tensor {name} has shape {tuple(t.shape)}, config expects {tuple(expected[name].shape)}"
+            )
+        state[name] = t.to(device=device, dtype=dtype)
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise WeightsError(f"weights lack {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+    model.load_state_dict(state, assign=True)
+    model.init_rope(device)
+    if divisors is not None:
+        model.set_rope_divisors(divisors.to(device))
+    return model.eval()
+
+
+# -- GGUF ----------------------------------------------------------------------------------------
+def _gguf_cache_path(path: Path) -> Path:
+    st = path.stat()
+    key = f"{CACHE_FORMAT}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{path.stem}-{digest}"
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    """Dequantize a GGUF once into `out` (config.json, model.safetensors, tokenizer)."""
+    from safetensors.torch import save_file
+
+    from .gguf_file import GGUFFile
+
+    status(f"First load of {path.name}: dequantizing and caching (once)")
+    f = GGUFFile(path)
+    config = f.config()
+    tensors = dict(progress(f.tensors(config), total=f.num_tensors(), desc="dequantize"))
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    status("Converting the GGUF tokenizer (once)")
+    Tokenizer.from_gguf(path).save(tmp)
+    meta = {"source": str(path.resolve()), "tensor_types": f.tensor_types()}
+    (tmp / "source.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _load_cached_dir(d: Path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config = ModelConfig.from_dict(json.loads((d / "config.json").read_text()))
+    try:
+        tensors = load_file(str(d / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{d}: cached weights unreadable ({e}); delete the folder to rebuild") from None
+    return config, tensors.items(), Tokenizer.load(d)
+
+
+def _hf_folder(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise ModelNotFoundError(f"{path}: no config.json (expected a Hugging Face model folder)")
+    try:
+        config = from_hf_config(json.loads(cfg_file.read_text()))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{cfg_file}: malformed config ({e})") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{path}: no *.safetensors files")
+
+    def tensors():
+        for fp in files:
+            try:
+                with safe_open(str(fp), framework="pt") as f:
+                    for k in f.keys():
+                        yield k, f.get_tensor(k)
+            except (SafetensorError, OSError) as e:
+                raise WeightsError(f"{fp}: corrupt or truncated safetensors file ({e})") from None
+
+    return config, hf_state_dict(tensors(), config), Tokenizer.load(path)
+
+
+def load_checkpoint(path: str | os.PathLike):
+    """(config, iterator of (name, tensor), tokenizer) for a GGUF file or HF folder."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / "aheadlm_tokenizer.json").exists() and (p / "model.safetensors").exists():
+            return _load_cached_dir(p)
+        return _hf_folder(p)
+    if p.suffix.lower() != ".gguf":
+        with open(p, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise UnsupportedModelError(f"{p}: not a GGUF file or a model folder")
+    out = _gguf_cache_path(p)
+    if not (out / "model.safetensors").exists():
+        _convert_gguf(p, out)
+    return _load_cached_dir(out)
+
+
+def load_model(path, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
+    config, tensors, tokenizer = load_checkpoint(path)
+    return build_model(config, tensors, dtype, device), tokenizer

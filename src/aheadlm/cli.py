@@ -1,0 +1,180 @@
+"""Command line: `aheadlm generate | chat | models | bench | serve | train-drafter`.
+
+    aheadlm generate "The history of the printing press begins" --max-tokens 64 --stats
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import AheadlmError
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default="gemma3-270m", help="registered name, GGUF file or HF folder")
+    p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--n-ctx", type=int, default=None, help="context size (default: the model's)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", "-n", type=int, default=256)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling_kwargs(a: argparse.Namespace) -> dict:
+    return dict(
+        max_tokens=a.max_tokens,
+        temperature=a.temperature,
+        top_k=a.top_k,
+        top_p=a.top_p,
+        min_p=a.min_p,
+        repetition_penalty=a.repetition_penalty,
+        seed=a.seed,
+        stop=a.stop,
+    )
+
+
+def _load(a: argparse.Namespace):
+    from .api import load
+
+    return load(a.model, dtype=a.dtype, device=a.device, n_ctx=a.n_ctx)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .engine import GenerationStats
+
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    llm = _load(a)
+    stats = GenerationStats()
+    kwargs = _sampling_kwargs(a)
+    stream = (
+        llm.stream_chat([{"role": "user", "content": prompt}], stats=stats, **kwargs)
+        if a.chat
+        else llm.stream(prompt, stats=stats, **kwargs)
+    )
+    text, ids, reason = [], [], None
+    for step in stream:
+        text.append(step.text)
+        ids.extend(step.token_ids)
+        reason = step.finish_reason
+        if not a.json:
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+    if a.json:
+        out = {"model": llm.name, "text": "".join(text), "token_ids": ids, "finish_reason": reason}
+        out["stats"] = stats.to_dict()
+        print(json.dumps(out))
+    else:
+        sys.stdout.write("\n")
+        if a.stats:
+            s = stats.to_dict()
+            print(
+                f"[{s['completion_tokens']} tokens, {s['tokens_per_s']} tok/s, prefill {s['prefill_s']}s, "
+                f"finish={reason}, tau={s['mean_accepted_length']}, "
+                f"acceptance={s['acceptance_rate']}, by position={s['acceptance_by_position']}, "
+                f"target forwards={s['target_forwards']}, time target/draft/other="
+                f"{s['time_target_s']}/{s['time_draft_s']}/{s['time_other_s']}s]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    llm = _load(a)
+    history: list[dict] = []
+    if a.system:
+        history.append({"role": "system", "content": a.system})
+    print(f"aheadlm chat with {llm.name}. /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if a.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for step in llm.stream_chat(history, **_sampling_kwargs(a)):
+            reply.append(step.text)
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply).strip()})
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from .registry import REGISTRY, installed, resolve_registered
+
+    rows = []
+    for name, reg in REGISTRY.items():
+        row = {"name": name, "description": reg.description, "installed": installed(name)}
+        if row["installed"]:
+            path = resolve_registered(name)
+            row["path"] = str(path)
+            row["file_mb"] = round(path.stat().st_size / 2**20, 1)
+        else:
+            row["install"] = reg.install
+        rows.append(row)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        where = f"{r['file_mb']} MiB  {r['path']}" if r["installed"] else f"not installed: {r['install']}"
+        print(f"{r['name']:<14} {r['description']:<36} {where}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aheadlm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete a prompt (streams to stdout)")
+    g.add_argument("prompt", help="prompt text, or - to read stdin")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat message")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.add_argument("--stats", action="store_true", help="print speed and acceptance statistics")
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive streaming chat")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.add_argument("--system", default=None, help="system message")
+    c.set_defaults(func=cmd_chat)
+
+    m = sub.add_parser("models", help="list registered and installed models")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AheadlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

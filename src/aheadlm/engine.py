@@ -1,0 +1,182 @@
+"""The generation engine: token ids in, a stream of `Step`s out. Plain and speculative decoding.
+
+It knows nothing about text: the API layer turns steps into text deltas and applies stop strings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ContextLengthError, InvalidRequestError
+from .kv_cache import KVCache
+from .model import Transformer
+from .sampling import SamplingParams, apply_repetition_penalty, next_token
+
+
+@dataclass
+class Step:
+    """One engine step: the tokens it emitted and why generation ended, if it did."""
+
+    token_ids: list[int]
+    finish_reason: str | None = None
+    """None while running, then "stop" (stop token or string) or "length" (max tokens or context)."""
+    elapsed: float = 0.0
+    """Seconds spent on this step (the first step includes the prompt's prefill)."""
+    drafted: int = 0
+    accepted: int = 0
+    text: str = ""
+    """Text delta, filled in by the API layer."""
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    target_forwards: int = 0
+    """Decode-phase target forwards (prefill excluded)."""
+    drafted: int = 0
+    accepted: int = 0
+    accepted_by_position: list[int] = field(default_factory=list)
+    drafted_by_position: list[int] = field(default_factory=list)
+    target_s: float = 0.0
+    draft_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Completion tokens over decode time (prefill excluded, first token included)."""
+        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """tau: tokens emitted per decode-phase target forward (1.0 for plain decoding)."""
+        return (self.completion_tokens - 1) / self.target_forwards if self.target_forwards else 1.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def acceptance_by_position(self) -> list[float]:
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
+
+    def to_dict(self) -> dict:
+        total = self.prefill_s + self.decode_s
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "prefill_s": round(self.prefill_s, 4),
+            "decode_s": round(self.decode_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "target_forwards": self.target_forwards,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_accepted_length": round(self.mean_accepted_length, 3),
+            "acceptance_by_position": [round(x, 4) for x in self.acceptance_by_position()],
+            "time_target_s": round(self.target_s, 4),
+            "time_draft_s": round(self.draft_s, 4),
+            "time_other_s": round(max(0.0, total - self.target_s - self.draft_s), 4),
+        }
+
+
+class Engine:
+    """Runs one sequence at a time through a target model, optionally with a proposer."""
+
+    def __init__(self, model: Transformer, *, n_ctx: int | None = None, max_step: int = 256):
+        self.model = model
+        self.config = model.config
+        self.n_ctx = min(n_ctx or self.config.max_position, self.config.max_position)
+        self.max_step = max_step
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    def new_cache(self, tokens_needed: int) -> KVCache:
+        return KVCache(
+            self.config,
+            min(self.n_ctx, tokens_needed),
+            dtype=self.dtype,
+            device=self.device,
+            max_step=self.max_step,
+        )
+
+    def _forward(self, cache: KVCache, tokens: list[int], num_logits: int | None):
+        start = cache.length
+        x = torch.tensor([tokens], device=self.device)
+        pos = torch.arange(start, start + len(tokens), device=self.device)[None]
+        return self.model(x, pos, cache, num_logits=num_logits)
+
+    @torch.inference_mode()
+    def prefill(self, cache: KVCache, tokens: list[int]):
+        """Run the prompt in chunks; returns (last logits `[V]`, last hidden `[H]`)."""
+        for i in range(0, len(tokens), self.max_step):
+            chunk = tokens[i : i + self.max_step]
+            last = i + self.max_step >= len(tokens)
+            logits, hidden = self._forward(cache, chunk, 1 if last else 0)
+        return logits[0, -1], hidden[0, -1]
+
+    def check_prompt(self, prompt: list[int], max_tokens: int) -> None:
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        if max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}")
+        if len(prompt) >= self.n_ctx:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens; the context holds {self.n_ctx} "
+                f"(at least one must be left to generate)"
+            )
+        if max(prompt) >= self.config.vocab_size or min(prompt) < 0:
+            raise InvalidRequestError("prompt token ids out of the vocabulary range")
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams = SamplingParams(),
+        *,
+        max_tokens: int = 256,
+        stop_ids: tuple[int, ...] = (),
+        generator: torch.Generator | None = None,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[Step]:
+        """Plain decoding: one target forward per token."""
+        self.check_prompt(prompt, max_tokens)
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = len(prompt)
+        generator = generator or params.make_generator(self.device)
+        cache = self.new_cache(len(prompt) + max_tokens)
+        penalty = params.repetition_penalty or 1.0
+        seen = torch.tensor(prompt, device=self.device)
+
+        t0 = time.perf_counter()
+        logits, _ = self.prefill(cache, prompt)
+        stats.prefill_s = time.perf_counter() - t0
+        t_step = time.perf_counter()
+        n_out = 0
+        while True:
+            if penalty != 1.0:
+                logits = apply_repetition_penalty(logits[None], seen[None], penalty)[0]
+            tok = int(next_token(logits[None], params, generator)[0])
+            n_out += 1
+            stats.completion_tokens = n_out
+            finish = None
+            if tok in stop_ids:
+                finish = "stop"
+            elif n_out >= max_tokens or len(prompt) + n_out >= cache.max_len:
+                finish = "length"
+            now = time.perf_counter()
+            stats.decode_s += now - t_step
+            yield Step([] if finish == "stop" else [tok], finish, now - t_step)
+            if finish:
+                return
+            t_step = time.perf_counter()
+            if penalty != 1.0:
+                seen = torch.cat([seen, seen.new_tensor([tok])])
+            logits, _ = self._forward(cache, [tok], 1)
+            logits = logits[0, -1]
+            stats.target_forwards += 1
+            stats.target_s += time.perf_counter() - t_step

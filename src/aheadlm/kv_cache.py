@@ -1,0 +1,167 @@
+"""The KV cache: an explicit, preallocated object passed to the model (and read by the MTP drafter).
+
+Each layer stores K and V as `[B, kv_heads, S, head_dim]`. Full-attention layers have one slot per
+position (`S = max_len`). Sliding-window layers keep a ring of `window + max_step` slots
+(slot = position % S). Every layer type ("group") keeps `pos[B, S]`, the position held by each slot
+(-1 = empty), so masks come from positions alone, and rolling back is forgetting positions: a ring
+still holds the whole window after a rollback of up to `max_step` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import SLIDING, ModelConfig
+from .errors import ContextLengthError
+
+
+@dataclass
+class Group:
+    """Slots shared by all layers of one type."""
+
+    size: int
+    ring: bool
+    window: int | None
+    pos: torch.Tensor
+    """[B, size] position stored in each slot, -1 when empty."""
+
+
+@dataclass
+class AttnView:
+    """What one forward's attention needs for one layer type: where to write, what to read."""
+
+    slots: torch.Tensor
+    """[B, T] slot index of each new token."""
+    end: int
+    """Slots [0, end) are read."""
+    mask: torch.Tensor | None
+    """[B, 1, T, end] True where attention is allowed; None when every slot is visible."""
+
+
+class KVCache:
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_len: int,
+        *,
+        batch_size: int = 1,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        max_step: int = 256,
+    ):
+        self.config = config
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.max_step = max_step
+        self.lengths = [0] * batch_size
+        self._max_written = [-1] * batch_size
+        self.groups: dict[str, Group] = {}
+        for t in config.group_types:
+            window = config.sliding_window if t == SLIDING else None
+            ring = window is not None and window + max_step < max_len
+            size = window + max_step if ring else max_len
+            pos = torch.full((batch_size, size), -1, dtype=torch.long, device=device)
+            self.groups[t] = Group(size, ring, window, pos)
+        shape = lambda t: (batch_size, config.num_kv_heads, self.groups[t].size, config.head_dim)  # noqa: E731
+        self.k = [torch.zeros(shape(t), dtype=dtype, device=device) for t in config.layer_types]
+        self.v = [torch.zeros(shape(t), dtype=dtype, device=device) for t in config.layer_types]
+
+    @property
+    def length(self) -> int:
+        """Tokens cached in row 0 (the single-sequence case)."""
+        return self.lengths[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def prepare(self, positions: torch.Tensor) -> dict[str, AttnView]:
+        """Reserve slots for new tokens at `positions` [B, T] (consecutive, starting at each row's
+        length) and build the attention views. Called once per forward, before the layers run."""
+        B, T = positions.shape
+        last = positions[:, -1].tolist()
+        first = positions[:, 0].tolist()
+        if max(last) >= self.max_len:
+            raise ContextLengthError(
+                f"position {max(last)} is past the KV cache size {self.max_len}"
+            )
+        if T > self.max_step and any(g.ring for g in self.groups.values()):
+            raise ValueError(f"a forward may add at most {self.max_step} tokens (got {T})")
+        for b in range(B):
+            if first[b] != self.lengths[b]:
+                raise ValueError(f"row {b}: new tokens start at {first[b]}, cache holds {self.lengths[b]}")
+            self.lengths[b] = last[b] + 1
+            self._max_written[b] = max(self._max_written[b], last[b])
+        views = {}
+        for name, g in self.groups.items():
+            slots = positions % g.size if g.ring else positions
+            g.pos.scatter_(1, slots, positions)
+            end = g.size if g.ring else max(self.lengths)
+            end = min(end, max(self._max_written) + 1)
+            views[name] = AttnView(slots, end, self._mask(g, positions, end))
+        return views
+
+    def _mask(self, g: Group, positions: torch.Tensor, end: int) -> torch.Tensor | None:
+        B, T = positions.shape
+        kpos = g.pos[:, None, :end]  # [B, 1, end]
+        qpos = positions[:, :, None]  # [B, T, 1]
+        if T == 1 and B == 1 and not g.ring and end == self.lengths[0]:
+            return None  # decode step on a full layer: every cached slot is in the past
+        allowed = (kpos >= 0) & (kpos <= qpos)
+        if g.window is not None:
+            allowed &= qpos - kpos < g.window
+        return allowed[:, None]
+
+    def write(self, layer: int, view: AttnView, k: torch.Tensor, v: torch.Tensor):
+        """Store new `k`, `v` [B, kv_heads, T, head_dim] and return the readable K/V slices."""
+        ck, cv = self.k[layer], self.v[layer]
+        B, _, T, _ = k.shape
+        if B == 1:
+            s = view.slots[0]
+            start = int(s[0])
+            if int(s[-1]) == start + T - 1:  # contiguous: plain slice copy
+                ck[:, :, start : start + T] = k
+                cv[:, :, start : start + T] = v
+            else:
+                ck[0].index_copy_(1, s, k[0])
+                cv[0].index_copy_(1, s, v[0])
+        else:
+            for b in range(B):
+                ck[b].index_copy_(1, view.slots[b], k[b])
+                cv[b].index_copy_(1, view.slots[b], v[b])
+        return ck[:, :, : view.end], cv[:, :, : view.end]
+
+    def read(self, layer: int, end: int | None = None):
+        """K/V of one layer (views, no copy), with the slot positions of its group."""
+        g = self.groups[self.config.layer_types[layer]]
+        end = g.size if end is None else end
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], g.pos[:, :end]
+
+    def min_length(self, row: int = 0) -> int:
+        """Shortest length row `row` can be trimmed to without losing sliding-window entries."""
+        if not any(g.ring for g in self.groups.values()):
+            return 0
+        return max(0, self._max_written[row] + 1 - self.max_step)
+
+    def trim(self, length: int, row: int = 0) -> None:
+        """Roll row `row` back to its first `length` tokens."""
+        if length > self.lengths[row]:
+            raise ValueError(f"cannot trim to {length}: only {self.lengths[row]} tokens cached")
+        if length < self.min_length(row):
+            raise ValueError(
+                f"cannot trim to {length}: sliding-window entries before {self.min_length(row)} were overwritten"
+            )
+        for g in self.groups.values():
+            p = g.pos[row]
+            p.masked_fill_(p >= length, -1)
+        self.lengths[row] = length
+
+    def reset(self, row: int | None = None) -> None:
+        rows = range(self.batch_size) if row is None else [row]
+        for r in rows:
+            for g in self.groups.values():
+                g.pos[r].fill_(-1)
+            self.lengths[r] = 0
+            self._max_written[r] = -1

@@ -1,0 +1,182 @@
+"""The target transformer (Gemma 3 and Llama families): network only, no sampling, no I/O.
+
+    logits, hidden = model(tokens, positions, cache)
+
+`hidden` is the post-final-norm state of every input position (the MTP drafter's input).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FULL, SLIDING, ModelConfig
+from .kv_cache import AttnView, KVCache
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32. `weight` is the final multiplier (Gemma's 1 + w is
+    folded in at load time)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin `[B, 1, T, head_dim]` for integer positions `[B, T]`."""
+    freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def attend(q, k, v, mask, scale: float) -> torch.Tensor:
+    """Grouped-query attention without repeating K/V: queries sharing a KV head are stacked.
+
+    q `[B, Hq, T, D]`, k/v `[B, Hkv, S, D]`, mask `[B, 1, T, S]` bool or None -> `[B, Hq, T, D]`.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    q = q.reshape(B, Hkv, g * T, D)
+    if mask is not None and g > 1:
+        mask = mask.repeat(1, 1, g, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(B, Hq, T, -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.scale = cfg.query_scale
+        self.q = nn.Linear(h, self.n_heads * d, bias=cfg.attention_bias)
+        self.k = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
+        self.v = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
+        self.o = nn.Linear(self.n_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, rope, cache: KVCache, layer: int, view: AttnView):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_all, v_all = cache.write(layer, view, k, v)
+        out = attend(q, k_all, v_all, view.mask, self.scale)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gelu = cfg.activation == "gelu_tanh"
+
+    def forward(self, x):
+        g = self.gate(x)
+        g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
+        return self.down(g * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        eps = cfg.rms_norm_eps
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, eps)
+        self.mlp = MLP(cfg)
+        self.sandwich = cfg.sandwich_norm
+        if self.sandwich:
+            self.post_attn_norm = RMSNorm(cfg.hidden_size, eps)
+            self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps)
+
+    def forward(self, x, rope, cache, layer, view):
+        a = self.attn(self.attn_norm(x), rope, cache, layer, view)
+        x = x + (self.post_attn_norm(a) if self.sandwich else a)
+        m = self.mlp(self.mlp_norm(x))
+        return x + (self.post_mlp_norm(m) if self.sandwich else m)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.init_rope()
+
+    def init_rope(self, device=None) -> None:
+        """(Re)compute RoPE frequencies; needed after building the module on the meta device."""
+        cfg = self.config
+        ropes = {FULL: cfg.rope_full, SLIDING: cfg.rope_sliding}
+        for t in cfg.group_types:
+            inv = ropes[t].inv_freq(cfg.head_dim)
+            inv = inv if device is None else inv.to(device)
+            self.register_buffer(f"inv_freq_{t}", inv, persistent=False)
+
+    def set_rope_divisors(self, divisors: torch.Tensor) -> None:
+        """GGUF `rope_freqs`: per-frequency divisors (how llama.cpp stores Llama 3.1 RoPE scaling)."""
+        self.inv_freq_full = self.inv_freq_full / divisors.float()
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Scaled input embeddings (the drafter reuses this)."""
+        x = self.embed(tokens)
+        if self.config.embed_scale != 1.0:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary scores from post-norm hidden states (softcapped when configured)."""
+        out = self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.embed.weight)
+        cap = self.config.final_logit_softcap
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        num_logits: int | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """tokens, positions `[B, T]` -> (logits `[B, n, V]` for the last `n = num_logits` positions
+        (all when None, none when 0), post-norm hidden `[B, T, H]`)."""
+        views = cache.prepare(positions)
+        x = self.embed_tokens(tokens)
+        ropes = {t: rope_tables(getattr(self, f"inv_freq_{t}"), positions, x.dtype) for t in views}
+        for i, block in enumerate(self.layers):
+            t = self.config.layer_types[i]
+            x = block(x, ropes[t], cache, i, views[t])
+        hidden = self.norm(x)
+        if num_logits == 0:
+            return None, hidden
+        h = hidden if num_logits is None else hidden[:, -num_logits:]
+        return self.logits(h), hidden

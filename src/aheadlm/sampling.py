@@ -1,0 +1,91 @@
+"""Sampling: logits -> processed distribution -> token. Pure functions; randomness only through an
+explicit `torch.Generator`. Temperature 0 is greedy (argmax)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    """0 means greedy."""
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    """HF/llama.cpp style: seen tokens' positive logits are divided by it, negative ones multiplied."""
+    seed: int | None = None
+
+    def __post_init__(self):
+        t = self.temperature
+        if not isinstance(t, (int, float)) or math.isnan(t) or t < 0 or t > 100:
+            raise InvalidRequestError(f"temperature must be in [0, 100], got {t!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise InvalidRequestError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        for name in ("top_p", "min_p"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, (int, float)) or math.isnan(v) or not 0 <= v <= 1):
+                raise InvalidRequestError(f"{name} must be in [0, 1], got {v!r}")
+        rp = self.repetition_penalty
+        if rp is not None and (not isinstance(rp, (int, float)) or math.isnan(rp) or not 0 < rp <= 10):
+            raise InvalidRequestError(f"repetition_penalty must be in (0, 10], got {rp!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def make_generator(self, device="cpu") -> torch.Generator:
+        g = torch.Generator(device=device)
+        if self.seed is not None:
+            g.manual_seed(self.seed)
+        else:
+            g.seed()
+        return g
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits `[N, V]`; `seen` `[N, S]` token ids already in each row's context (may repeat)."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    picked = logits.gather(-1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(-1, seen, picked)
+
+
+def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: temperature, then top-k, top-p, min-p.
+    `logits` `[N, V]` (penalties already applied) -> float32 probabilities `[N, V]`."""
+    x = logits.float() / params.temperature
+    if params.top_k:
+        k = min(params.top_k, x.shape[-1])
+        kth = x.topk(k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if params.top_p is not None and params.top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly better tokens
+        drop = before >= params.top_p
+        drop[..., 0] = False
+        probs = probs.masked_fill(drop.scatter(-1, idx, drop), 0.0)
+    if params.min_p:
+        floor = probs.max(-1, keepdim=True).values * params.min_p
+        probs = probs.masked_fill(probs < floor, 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of `probs` `[N, V]` -> `[N]`."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """Plain decoding's choice for logits `[N, V]` (penalties already applied) -> `[N]`."""
+    if params.greedy:
+        return logits.argmax(-1)
+    return sample(processed_probs(logits, params), generator)

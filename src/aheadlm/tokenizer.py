@@ -1,0 +1,223 @@
+"""Tokenizers: the `tokenizers` library at run time, transformers' converters once for GGUF files,
+BOS/EOS rules, chat templates (Jinja, sandboxed) and streaming detokenization."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import WeightsError
+
+# Tokens that end an assistant turn in common chat formats; used as extra stop ids when present.
+_END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<turn|>")
+
+# Chat format for models without a template (Gemma 3 270M is a base model): plain completion.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n"
+    "{% else %}Assistant: {{ m['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+PLAIN_CHAT_STOP = ("\nUser:",)
+
+
+class Tokenizer:
+    """Encode/decode with explicit BOS handling and a chat template."""
+
+    def __init__(
+        self,
+        backend,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        add_bos: bool,
+        chat_template: str | None = None,
+        extra_eos_ids: tuple[int, ...] = (),
+    ):
+        self.backend = backend
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.add_bos = add_bos
+        self.chat_template = chat_template
+        ids = [eos_id] if eos_id is not None else []
+        for tok in _END_OF_TURN:
+            tid = backend.token_to_id(tok)
+            if tid is not None:
+                ids.append(tid)
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(ids + list(extra_eos_ids)))
+        self._template = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.chat_template is not None
+
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation, using the model's template or the plain format."""
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(msg):
+                raise ValueError(msg)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template or PLAIN_CHAT_TEMPLATE)
+        special = {}
+        for name, tid in (("bos_token", self.bos_id), ("eos_token", self.eos_id)):
+            special[name] = self.backend.id_to_token(tid) if tid is not None else ""
+        return self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **special
+        )
+
+    def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        text = self.render_chat(messages)
+        # Templates that write BOS themselves must not get a second one.
+        bos = self.backend.id_to_token(self.bos_id) if self.bos_id is not None else None
+        add_bos = self.add_bos and not (bos and text.startswith(bos))
+        return self.encode(text, add_bos=add_bos)
+
+    # -- persistence ----------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        self.backend.save(str(d / "tokenizer.json"))
+        cfg = {
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "add_bos": self.add_bos,
+            "chat_template": self.chat_template,
+        }
+        (d / "aheadlm_tokenizer.json").write_text(json.dumps(cfg, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Tokenizer:
+        """Load a tokenizer saved by `save`, or a Hugging Face model folder's tokenizer."""
+        from tokenizers import Tokenizer as Backend
+
+        d = Path(directory)
+        ours = d / "aheadlm_tokenizer.json"
+        if ours.exists():
+            cfg = json.loads(ours.read_text())
+            return cls(Backend.from_file(str(d / "tokenizer.json")), **cfg)
+        return _from_hf_folder(d)
+
+    @classmethod
+    def from_gguf(cls, gguf_path: str | os.PathLike) -> Tokenizer:
+        """Convert a GGUF file's tokenizer with transformers' converters (slow: cache the result)."""
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        p = Path(gguf_path)
+        hf_logging.set_verbosity_error()
+        try:
+            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        except (ValueError, KeyError, OSError) as e:
+            raise WeightsError(f"{p}: cannot build the tokenizer from GGUF metadata ({e})") from None
+        return _from_hf_tokenizer(tok)
+
+
+def _from_hf_tokenizer(tok) -> Tokenizer:
+    backend = tok.backend_tokenizer
+    add_bos = getattr(tok, "add_bos_token", None)
+    if add_bos is None:
+        add_bos = bool(tok.bos_token_id is not None and tok("a")["input_ids"][:1] == [tok.bos_token_id])
+    template = tok.chat_template if isinstance(tok.chat_template, str) else None
+    return Tokenizer(
+        backend,
+        bos_id=tok.bos_token_id,
+        eos_id=tok.eos_token_id,
+        add_bos=bool(add_bos),
+        chat_template=template,
+    )
+
+
+def _from_hf_folder(d: Path) -> Tokenizer:
+    from tokenizers import Tokenizer as Backend
+
+    tj = d / "tokenizer.json"
+    cfg_path = d / "tokenizer_config.json"
+    if not tj.exists():
+        from transformers import AutoTokenizer
+
+        try:
+            return _from_hf_tokenizer(AutoTokenizer.from_pretrained(str(d)))
+        except (ValueError, OSError) as e:
+            raise WeightsError(f"{d}: no usable tokenizer ({e})") from None
+    backend = Backend.from_file(str(tj))
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+
+    def token_id(value):
+        if isinstance(value, dict):
+            value = value.get("content")
+        return backend.token_to_id(value) if isinstance(value, str) else None
+
+    bos_id, eos_id = token_id(cfg.get("bos_token")), token_id(cfg.get("eos_token"))
+    extra: list[int] = []
+    gen = d / "generation_config.json"
+    if gen.exists():
+        g = json.loads(gen.read_text())
+        e = g.get("eos_token_id")
+        extra = [e] if isinstance(e, int) else list(e or [])
+        if bos_id is None and isinstance(g.get("bos_token_id"), int):
+            bos_id = g["bos_token_id"]
+    if eos_id is None and extra:
+        eos_id = extra[0]
+    add_bos = cfg.get("add_bos_token")
+    if add_bos is None:
+        with_special = backend.encode("a", add_special_tokens=True).ids
+        add_bos = bos_id is not None and with_special[:1] == [bos_id]
+    template = cfg.get("chat_template")
+    tpl_file = d / "chat_template.jinja"
+    if template is None and tpl_file.exists():
+        template = tpl_file.read_text()
+    if isinstance(template, list):  # named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return Tokenizer(
+        backend,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        add_bos=bool(add_bos),
+        chat_template=template,
+        extra_eos_ids=tuple(extra),
+    )
+
+
+class TextStream:
+    """Turns a growing list of token ids into text deltas without splitting UTF-8 characters or
+    losing the leading space that SentencePiece decoders drop at the start of a slice."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, ids) -> str:
+        self.ids.extend(ids)
+        prefix_text = self.tok.decode(self.ids[self._prefix : self._read])
+        new_text = self.tok.decode(self.ids[self._prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        prefix_text = self.tok.decode(self.ids[self._prefix : self._read])
+        new_text = self.tok.decode(self.ids[self._prefix :])
+        self._prefix = self._read = len(self.ids)
+        return new_text[len(prefix_text) :]
