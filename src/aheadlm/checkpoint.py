@@ -14,15 +14,17 @@ import shutil
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import ModelConfig, from_hf_config
 from .errors import ModelNotFoundError, UnsupportedModelError, WeightsError
-from .model import Transformer
+from .model import Embedding, Transformer
+from .packed import PackedEmbedding, PackedLinear, QTensor, dense, packable
 from .progress import progress, status
 from .registry import cache_dir
 from .tokenizer import Tokenizer
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 # Hugging Face parameter names -> ours. Gemma's post_attention_layernorm is a sandwich norm; Llama's
 # is the norm before the MLP.
@@ -80,27 +82,59 @@ def hf_state_dict(tensors, config: ModelConfig):
         yield ours, t
 
 
-def build_model(config: ModelConfig, tensors, dtype=torch.float32, device="cpu") -> Transformer:
-    """Instantiate without random init and fill from (name, tensor) pairs; strict about names/shapes."""
+def _replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def build_model(
+    config: ModelConfig,
+    tensors,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    packed: bool | None = None,
+) -> Transformer:
+    """Instantiate without random init and fill from (name, tensor) pairs; strict about names/shapes.
+
+    With float32 on CPU, int8-block (GGUF) and bfloat16 matrices stay packed for the compiled
+    kernels (`packed=False` dequantizes them to dense float32 instead)."""
     with torch.device("meta"):
         model = Transformer(config)
-    expected = dict(model.state_dict())
-    state, divisors = {}, None
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if packed is None:
+        packed = dtype == torch.float32 and str(device) == "cpu"
+    state, divisors, done = {}, None, set()
     for name, t in tensors:
         if name == "rope_freqs":
             divisors = t
             continue
         if name not in expected:
             continue
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise WeightsError(
-                f"tensor {name} has shape {tuple(t.shape)}, config expects {tuple(expected[name].shape)}"
-            )
-        state[name] = t.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(state))
+        if tuple(t.shape) != expected[name]:
+            raise WeightsError(f"tensor {name} has shape {tuple(t.shape)}, config expects {expected[name]}")
+        module_path = name.rsplit(".", 1)[0]
+        module = model.get_submodule(module_path)
+        compact = isinstance(t, QTensor) or t.dtype == torch.bfloat16
+        if packed and compact and name.endswith(".weight") and packable(t):
+            if isinstance(module, Embedding):
+                _replace_module(model, module_path, PackedEmbedding(t))
+                done.add(name)
+                continue
+            if isinstance(module, nn.Linear):
+                _replace_module(model, module_path, PackedLinear(t))
+                done.add(name)
+                continue
+        state[name] = dense(t).to(device=device, dtype=dtype)
+    for name in done:  # biases of packed layers move into the packed module
+        path = name.rsplit(".", 1)[0]
+        bias = state.pop(f"{path}.bias", None)
+        if bias is not None:
+            model.get_submodule(path).bias = nn.Parameter(bias.float(), requires_grad=False)
+            done.add(f"{path}.bias")
+    missing = sorted(set(expected) - set(state) - done)
     if missing:
         raise WeightsError(f"weights lack {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(state, assign=True, strict=False)
     model.init_rope(device)
     if divisors is not None:
         model.set_rope_divisors(divisors.to(device))
@@ -124,7 +158,9 @@ def _convert_gguf(path: Path, out: Path) -> None:
     status(f"First load of {path.name}: dequantizing and caching (once)")
     f = GGUFFile(path)
     config = f.config()
-    tensors = dict(progress(f.tensors(config), total=f.num_tensors(), desc="dequantize"))
+    tensors = {}
+    for name, t in progress(f.tensors(config), total=f.num_tensors(), desc="unpack"):
+        tensors.update(t.tensors(name) if isinstance(t, QTensor) else {name: t})
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -147,7 +183,7 @@ def _load_cached_dir(d: Path):
         tensors = load_file(str(d / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise WeightsError(f"{d}: cached weights unreadable ({e}); delete the folder to rebuild") from None
-    return config, tensors.items(), Tokenizer.load(d)
+    return config, QTensor.collect(tensors).items(), Tokenizer.load(d)
 
 
 def _hf_folder(path: Path):

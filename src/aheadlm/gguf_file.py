@@ -14,6 +14,7 @@ import torch
 
 from .config import ModelConfig, from_gguf_metadata
 from .errors import UnsupportedModelError, WeightsError
+from .packed import QTensor
 
 GGUF_MAGIC = b"GGUF"
 
@@ -50,6 +51,93 @@ def map_name(name: str) -> str | None:
     if m and m.group(2) in _LAYER_NAMES:
         return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     return None
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return b.view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray, n: int, width: int) -> np.ndarray:
+    """Low then high nibbles of `qs` [n, groups * width // 2] -> [n, groups * width] uint8."""
+    q = qs.reshape(n, -1, 1, width // 2) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    return (q & np.uint8(0x0F)).reshape(n, -1)
+
+
+def _k_scales(scales: np.ndarray):
+    """The 6-bit (scale, min) pairs of Q4_K/Q5_K super-blocks -> two [n, 8] uint8 arrays."""
+    n = scales.shape[0]
+    d, m, md = np.split(scales.reshape(n, 3, 4), 3, axis=-2)
+    sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1).reshape(n, 8)
+    mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1).reshape(n, 8)
+    return sc, mn
+
+
+SPLITTABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+def _split_blocks(name: str, blocks: np.ndarray):
+    """Raw GGUF blocks [n, bytes] -> (q int8 [n, values], scale [n, subs], offset or None, sub-block
+    size) with w = q * scale + offset reproducing the dequantizer bit for bit; None if unsupported."""
+    n = blocks.shape[0]
+    if name == "Q8_0":
+        return blocks[:, 2:].view(np.int8), _f16(blocks[:, :2]), None, 32
+    if name in ("Q4_0", "Q4_1"):
+        head = 2 if name == "Q4_0" else 4
+        q = _nibbles(blocks[:, head:], n, 32).astype(np.int8)
+        if name == "Q4_0":
+            return q - np.int8(8), _f16(blocks[:, :2]), None, 32
+        return q, _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), 32
+    if name in ("Q5_0", "Q5_1"):
+        head = 2 if name == "Q5_0" else 4
+        qh = blocks[:, head : head + 4].copy().view(np.uint32)
+        qh = (qh >> np.arange(32, dtype=np.uint32)[None]) & np.uint32(1)
+        q = (_nibbles(blocks[:, head + 4 :], n, 32) | (qh.astype(np.uint8) << np.uint8(4))).astype(np.int8)
+        if name == "Q5_0":
+            return q - np.int8(16), _f16(blocks[:, :2]), None, 32
+        return q, _f16(blocks[:, :2]), _f16(blocks[:, 2:4]), 32
+    if name in ("Q4_K", "Q5_K"):
+        d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
+        sc, mn = _k_scales(blocks[:, 4:16])
+        if name == "Q4_K":
+            q = (blocks[:, 16:].reshape(n, -1, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1))
+            q = (q & np.uint8(0x0F)).reshape(n, 256)
+        else:
+            qh = blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+            ql = blocks[:, 48:].reshape(n, -1, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+            q = (ql & np.uint8(0x0F)).reshape(n, 8, 32) | ((qh & np.uint8(1)) << np.uint8(4))
+            q = q.reshape(n, 256)
+        return q.astype(np.int8), d * sc.astype(np.float32), -(dmin * mn.astype(np.float32)), 32
+    if name == "Q6_K":
+        ql, qh, scales, d = blocks[:, :128], blocks[:, 128:192], blocks[:, 192:208], blocks[:, 208:]
+        lo = (ql.reshape(n, -1, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
+        hi = (qh.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
+        q = (lo.reshape(n, -1, 32) | (hi.reshape(n, -1, 32) << np.uint8(4))).astype(np.int8) - np.int8(32)
+        return q.reshape(n, 256), _f16(d) * scales.view(np.int8).astype(np.float32), None, 16
+    raise ValueError(name)
+
+
+def split_quantized(t) -> tuple | None:
+    """(q [rows, cols] int8, scale, offset, block) for a GGUF tensor, checked bit-exact against
+    the `gguf` dequantizer; None for formats we keep as float32."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    if t.tensor_type.name not in SPLITTABLE:
+        return None
+    _, block_bytes = GGML_QUANT_SIZES[t.tensor_type]
+    raw = np.asarray(t.data).view(np.uint8).reshape(-1, block_bytes)
+    q, scale, offset, sub = _split_blocks(t.tensor_type.name, raw)
+    cols = int(t.shape[0])
+    rows = int(np.prod(t.shape[1:]))
+    q = q.reshape(rows, cols)
+    scale = scale.reshape(rows, cols // sub)
+    offset = None if offset is None else offset.reshape(rows, cols // sub)
+    w = q.reshape(rows, -1, sub).astype(np.float32) * scale[..., None]
+    if offset is not None:
+        w = w + offset[..., None]
+    if not np.array_equal(w.reshape(rows, cols), dequantize(t.data, t.tensor_type).reshape(rows, cols)):
+        return None
+    return q, scale, offset, sub
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -106,8 +194,9 @@ class GGUFFile:
         except KeyError as e:
             raise WeightsError(f"{self.path}: GGUF metadata lacks {e}") from None
 
-    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (our name, float32 tensor) for every used tensor, dequantized."""
+    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor | QTensor]]:
+        """Yield (our name, weight) for every used tensor: a QTensor when the format splits exactly
+        into int8 blocks, else a float32 tensor."""
         from gguf import GGMLQuantizationType as Q
         from gguf.quants import dequantize
 
@@ -115,7 +204,22 @@ class GGUFFile:
             name = map_name(t.name)
             if name is None:
                 continue
+            heads = None
+            if config.arch == "llama" and ".attn.q." in name:
+                heads = config.num_heads
+            elif config.arch == "llama" and ".attn.k." in name:
+                heads = config.num_kv_heads
+            fix = (lambda a: _unpermute(a, heads)) if heads else (lambda a: a)
             try:
+                parts = split_quantized(t) if t.tensor_type not in (Q.F32, Q.F16, Q.BF16) else None
+                if parts is not None:
+                    q, scale, offset, block = parts
+
+                    def tensor(a):
+                        return None if a is None else torch.from_numpy(np.ascontiguousarray(fix(a)))
+
+                    yield name, QTensor(tensor(q), tensor(scale), tensor(offset), block)
+                    continue
                 if t.tensor_type in (Q.F32, Q.F16):
                     arr = np.asarray(t.data, dtype=np.float32).reshape(t.shape[::-1].tolist())
                 else:
@@ -124,11 +228,7 @@ class GGUFFile:
                 raise UnsupportedModelError(
                     f"{self.path}: tensor type {t.tensor_type.name} ({t.name}) is not supported"
                 ) from None
-            if config.arch == "llama" and name.endswith(("attn.q.weight", "attn.q.bias")):
-                arr = _unpermute(arr, config.num_heads)
-            elif config.arch == "llama" and name.endswith(("attn.k.weight", "attn.k.bias")):
-                arr = _unpermute(arr, config.num_kv_heads)
-            yield name, torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))
+            yield name, torch.from_numpy(np.array(fix(arr), dtype=np.float32, order="C"))
 
     def num_tensors(self) -> int:
         return len(self.reader.tensors)

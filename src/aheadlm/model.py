@@ -57,6 +57,20 @@ def attend(q, k, v, mask, scale: float) -> torch.Tensor:
     return out.reshape(B, Hq, T, -1)
 
 
+class Embedding(nn.Module):
+    """Token embedding table that can also score hidden states against itself (tied head)."""
+
+    def __init__(self, vocab: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.weight)
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -123,7 +137,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -142,9 +156,6 @@ class Transformer(nn.Module):
         """GGUF `rope_freqs`: per-frequency divisors (how llama.cpp stores Llama 3.1 RoPE scaling)."""
         self.inv_freq_full = self.inv_freq_full / divisors.float()
 
-    def head_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
-
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Scaled input embeddings (the drafter reuses this)."""
         x = self.embed(tokens)
@@ -154,7 +165,7 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary scores from post-norm hidden states (softcapped when configured)."""
-        out = self.lm_head(hidden) if self.lm_head is not None else F.linear(hidden, self.embed.weight)
+        out = self.lm_head(hidden) if self.lm_head is not None else self.embed.attend(hidden)
         cap = self.config.final_logit_softcap
         if cap:
             out = torch.tanh(out / cap) * cap

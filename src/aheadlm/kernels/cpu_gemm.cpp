@@ -1,0 +1,221 @@
+// Small-batch matrix products for CPU decoding and verification (AVX2 + FMA).
+//
+// y[M, N] = x[M, K] @ W[N, K]^T with float32 activations and compact weights:
+//   q8   : int8 values with one float32 scale (and optional offset) per block of BS weights along K,
+//          w = q * scale (+ offset), rounded exactly as the GGUF dequantizer rounds it, so the
+//          weights are bit-identical to the dequantized float32 ones at about a third of the bytes;
+//   bf16 : bfloat16 weights widened to float32 (exact).
+// On small CPUs widening the weights, not memory, bounds a decode step, so each widened weight
+// vector is reused from registers by up to 8 rows of x: verifying a few draft tokens costs about as
+// much as decoding one. Larger M (prefill) widens a pair of weight rows once into an L1 buffer.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Weight formats. A tile walks K in blocks of `kBlock`; `scale(n, b)` fetches what a block of row
+// n needs (its scale and offset for q8), `load(n, k, s)` widens 8 weights at column k to float32.
+template <int BS, bool OFF>
+struct Q8Rows {
+  static constexpr int kBlock = BS;
+  struct Scale {
+    __m256 s, o;
+  };
+  const int8_t* q;
+  const float* sc;
+  const float* off;
+  int64_t K, nb;
+  inline Scale scale(int64_t n, int64_t b) const {
+    return {_mm256_broadcast_ss(sc + n * nb + b), OFF ? _mm256_broadcast_ss(off + n * nb + b) : __m256()};
+  }
+  inline __m256 load(int64_t n, int64_t k, const Scale& s) const {
+    __m256 w = _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + n * K + k))));
+    w = _mm256_mul_ps(w, s.s);
+    if (OFF) w = _mm256_add_ps(w, s.o);
+    return w;
+  }
+};
+
+struct BF16Rows {
+  static constexpr int kBlock = 32;
+  struct Scale {};
+  const uint16_t* w;
+  int64_t K;
+  inline Scale scale(int64_t, int64_t) const { return {}; }
+  inline __m256 load(int64_t n, int64_t k, const Scale&) const {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * K + k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+};
+
+struct F32Rows {
+  static constexpr int kBlock = 8;
+  struct Scale {};
+  const float* w;
+  int64_t K;
+  inline Scale scale(int64_t, int64_t) const { return {}; }
+  inline __m256 load(int64_t n, int64_t k, const Scale&) const { return _mm256_loadu_ps(w + n * K + k); }
+};
+
+// Register tile: MR rows of x (row stride K) against NR weight rows starting at n. Tiles with few
+// rows keep U partial sums per output so that enough FMA chains run in parallel.
+template <int MR, int NR, typename W>
+inline void tile(const W& w, const float* x, int64_t K, int64_t n, float* y, int64_t ldy) {
+  constexpr int BS = W::kBlock;
+  constexpr int U = MR * NR >= 4 ? 1 : (MR * NR == 1 ? 4 : 2);
+  constexpr int UB = BS / 8 < U ? BS / 8 : U;
+  __m256 acc[UB][MR][NR];
+#pragma GCC unroll 4
+  for (int u = 0; u < UB; ++u)
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+      for (int r = 0; r < NR; ++r) acc[u][m][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < K / BS; ++b) {
+    typename W::Scale s[NR];
+#pragma GCC unroll 2
+    for (int r = 0; r < NR; ++r) s[r] = w.scale(n + r, b);
+#pragma GCC unroll 4
+    for (int j = 0; j < BS; j += 8) {
+      const int u = (j / 8) % UB;
+      const int64_t k = b * BS + j;
+      __m256 wv[NR];
+#pragma GCC unroll 2
+      for (int r = 0; r < NR; ++r) wv[r] = w.load(n + r, k, s[r]);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+#pragma GCC unroll 2
+        for (int r = 0; r < NR; ++r) acc[u][m][r] = _mm256_fmadd_ps(wv[r], xv, acc[u][m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int r = 0; r < NR; ++r) {
+      __m256 t = acc[0][m][r];
+      for (int u = 1; u < UB; ++u) t = _mm256_add_ps(t, acc[u][m][r]);
+      y[m * ldy + r] = hsum(t);
+    }
+}
+
+// M <= 8: every weight is widened once, one weight row per tile (one memory stream per thread).
+template <typename W>
+void gemm_small(const W& w, const float* x, int64_t M, int64_t K, int64_t N, float* y) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / K);
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float* yn = y + n;
+      switch (M) {
+        case 1: tile<1, 1>(w, x, K, n, yn, N); break;
+        case 2: tile<2, 1>(w, x, K, n, yn, N); break;
+        case 3: tile<3, 1>(w, x, K, n, yn, N); break;
+        case 4: tile<4, 1>(w, x, K, n, yn, N); break;
+        case 5: tile<5, 1>(w, x, K, n, yn, N); break;
+        case 6: tile<6, 1>(w, x, K, n, yn, N); break;
+        case 7: tile<7, 1>(w, x, K, n, yn, N); break;
+        default: tile<8, 1>(w, x, K, n, yn, N); break;
+      }
+    }
+  });
+}
+
+// M > 8 (prefill chunks): widen two weight rows into a float32 buffer, then sweep all rows of x.
+template <typename W>
+void gemm_large(const W& w, const float* x, int64_t M, int64_t K, int64_t N, float* y) {
+  const int64_t grain = std::max<int64_t>(1, 4096 / K);
+  at::parallel_for(0, (N + 1) / 2, grain, [&](int64_t p0, int64_t p1) {
+    std::vector<float> buf(2 * K);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n = 2 * p;
+      const int nr = n + 1 < N ? 2 : 1;
+      for (int r = 0; r < nr; ++r)
+        for (int64_t b = 0; b < K / W::kBlock; ++b) {
+          const auto s = w.scale(n + r, b);
+          for (int j = 0; j < W::kBlock; j += 8) {
+            const int64_t k = b * W::kBlock + j;
+            _mm256_storeu_ps(buf.data() + r * K + k, w.load(n + r, k, s));
+          }
+        }
+      const F32Rows f{buf.data(), K};
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {
+        if (nr == 2) tile<4, 2>(f, x + m * K, K, 0, y + m * N + n, N);
+        else tile<4, 1>(f, x + m * K, K, 0, y + m * N + n, N);
+      }
+      for (; m < M; ++m) {
+        if (nr == 2) tile<1, 2>(f, x + m * K, K, 0, y + m * N + n, N);
+        else tile<1, 1>(f, x + m * K, K, 0, y + m * N + n, N);
+      }
+    }
+  });
+}
+
+// Up to 32 rows: even chunks of at most 8 rows, each reading the weights once (cheaper than the
+// buffered path while widening dominates); beyond that the buffered path.
+template <typename W>
+void gemm(const W& w, const float* x, int64_t M, int64_t K, int64_t N, float* y) {
+  if (M > 32) return gemm_large(w, x, M, K, N, y);
+  const int64_t chunks = (M + 7) / 8, rows = (M + chunks - 1) / chunks;
+  for (int64_t m = 0; m < M; m += rows) {
+    gemm_small(w, x + m * K, std::min(rows, M - m), K, N, y + m * N);
+  }
+}
+
+}  // namespace
+
+// x [M, K] float32; q [N, K] int8; scale/offset [N, K / block] float32 (offset may be empty).
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor offset,
+                        int64_t block) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && q.scalar_type() == torch::kInt8, "q8_linear: dtypes");
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "q8_linear: shapes");
+  TORCH_CHECK(block == 16 || block == 32, "q8_linear: block must be 16 or 32");
+  TORCH_CHECK(x.size(1) % block == 0, "q8_linear: K must be a multiple of the block");
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && offset.is_contiguous(), "q8_linear: layout");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0), nb = K / block;
+  auto y = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  const float* op = offset.numel() ? offset.data_ptr<float>() : nullptr;
+  if (block == 32) {
+    if (op) gemm(Q8Rows<32, true>{qp, sp, op, K, nb}, xp, M, K, N, yp);
+    else gemm(Q8Rows<32, false>{qp, sp, op, K, nb}, xp, M, K, N, yp);
+  } else {
+    if (op) gemm(Q8Rows<16, true>{qp, sp, op, K, nb}, xp, M, K, N, yp);
+    else gemm(Q8Rows<16, false>{qp, sp, op, K, nb}, xp, M, K, N, yp);
+  }
+  return y;
+}
+
+// x [M, K] float32; w [N, K] bfloat16.
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kBFloat16, "bf16_linear: dtypes");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "bf16_linear: shapes");
+  TORCH_CHECK(x.size(1) % 32 == 0 && w.is_contiguous(), "bf16_linear: K must be a multiple of 32");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  gemm(BF16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), K}, x.data_ptr<float>(), M, K, N,
+       y.data_ptr<float>());
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q8_linear", &q8_linear, "x @ dequant(q)^T with block-scaled int8 weights");
+  m.def("bf16_linear", &bf16_linear, "x @ w^T with bfloat16 weights, float32 math");
+}
