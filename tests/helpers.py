@@ -15,16 +15,29 @@ def tiny_hf(arch: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     if arch == "gemma3":
         kw = dict(
-            vocab_size=160, hidden_size=48, intermediate_size=96, num_hidden_layers=6,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
-            max_position_embeddings=512, query_pre_attn_scalar=24, final_logit_softcapping=None,
+            vocab_size=160,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            max_position_embeddings=512,
+            query_pre_attn_scalar=24,
+            final_logit_softcapping=None,
         )
         kw.update(overrides)
         model = Gemma3ForCausalLM(Gemma3TextConfig(**kw))
     else:
         kw = dict(
-            vocab_size=160, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+            vocab_size=160,
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=4,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
             tie_word_embeddings=False,
         )
         kw.update(overrides)
@@ -59,7 +72,9 @@ def hf_reference(name: str):
     out = cache_dir() / "hf-reference" / name
     if not (out / "config.json").exists():
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained otherwise
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from helpers import hf_reference
 
 import aheadlm
 from aheadlm.kv_cache import KVCache
+
+from helpers import hf_reference
 
 pytestmark = pytest.mark.realmodel
 
@@ -67,7 +68,10 @@ def test_greedy_64_identical(models):
         ids = ours.tokenizer.encode(prompt)
         with torch.no_grad():
             ref = hf.generate(
-                torch.tensor([ids]), max_new_tokens=64, do_sample=False, eos_token_id=eos,
+                torch.tensor([ids]),
+                max_new_tokens=64,
+                do_sample=False,
+                eos_token_id=eos,
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             )[0, len(ids) :].tolist()
         if ref and ref[-1] == eos:

@@ -3,9 +3,10 @@ rollback, and sequences longer than the sliding window (the ring cache wraps).""
 
 import pytest
 import torch
-from helpers import hf_logits, ours_from_hf, tiny_hf
 
 from aheadlm.kv_cache import KVCache
+
+from helpers import hf_logits, ours_from_hf, tiny_hf
 
 ATOL = 2e-4
 
@@ -24,8 +25,12 @@ CONFIGS = {
     "llama3-rope": dict(
         arch="llama",
         rope_parameters={
-            "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+            "rope_type": "llama3",
+            "rope_theta": 5e5,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
         },
     ),
 }
@@ -77,6 +82,19 @@ def test_incremental_rollback_and_window(pair):
             n -= len(chunk) - 1
             cache.trim(n)
     assert n > 40
+
+
+def test_decode_past_window_without_ring(pair):
+    """One token at a time with a cache too small for a ring: sliding layers must still mask."""
+    hf, ours = pair
+    ids = torch.randint(0, 160, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    ref = hf_logits(hf, ids)
+    cache = KVCache(ours.config, 32)  # window 8 + max_step 256 > 32: full-size sliding cache
+    assert not any(g.ring for g in cache.groups.values())
+    run(ours, cache, ids[:3], 0)
+    for i in range(3, 30):
+        logits, _ = run(ours, cache, ids[i : i + 1], i)
+        torch.testing.assert_close(logits[0], ref[i], atol=ATOL, rtol=0)
 
 
 def test_draft_garbage_then_rollback(pair):

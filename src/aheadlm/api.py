@@ -12,8 +12,10 @@ import torch
 from .checkpoint import load_model
 from .engine import Engine, GenerationStats, Step
 from .errors import InvalidRequestError
+from .proposers import make_proposer
 from .registry import REGISTRY, resolve
 from .sampling import SamplingParams
+from .speculative import SpecConfig
 from .tokenizer import PLAIN_CHAT_STOP, TextStream, Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -173,16 +175,34 @@ def load(
     model: str | os.PathLike = "gemma3-270m",
     *,
     drafter: str | os.PathLike | None = None,
+    draft_tokens: int = 4,
+    adaptive: bool = False,
+    threshold: float = 0.0,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     n_ctx: int | None = None,
 ) -> LLM:
-    """Load a model by registered name (`gemma3-270m`, `smollm2-135m`), GGUF path or HF folder."""
+    """Load a model by registered name (`gemma3-270m`, `smollm2-135m`), GGUF path or HF folder.
+
+    `drafter`: None (the model's shipped MTP drafter when there is one), "none", "ngram", "mtp",
+    "draft:MODEL" or an MTP drafter folder. `draft_tokens` is k, the most drafts per round;
+    `adaptive` picks k per round for the best measured speed; `threshold` ends a round early when
+    the drafter's confidence falls below it."""
+    if not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 32:
+        raise InvalidRequestError(f"draft_tokens must be in 1..32, got {draft_tokens!r}")
     path = resolve(model)
     device = resolve_device(device)
     net, tokenizer = load_model(path, resolve_dtype(dtype), device)
     if tokenizer is None:
         raise InvalidRequestError(f"{path}: no tokenizer found next to the weights")
-    engine = Engine(net, n_ctx=n_ctx)
+    ctx = min(n_ctx or net.config.max_position, net.config.max_position)
+    proposer = make_proposer(
+        None if drafter is None else str(drafter),
+        net,
+        model_name=str(model),
+        n_ctx=ctx,
+        threshold=threshold,
+    )
+    engine = Engine(net, proposer=proposer, spec=SpecConfig(draft_tokens, adaptive), n_ctx=n_ctx)
     name = str(model) if str(model) in REGISTRY else path.name
     return LLM(engine, tokenizer, name)

@@ -19,7 +19,7 @@ from torch import nn
 from .config import ModelConfig, from_hf_config
 from .errors import ModelNotFoundError, UnsupportedModelError, WeightsError
 from .model import Embedding, Transformer
-from .packed import PackedEmbedding, PackedLinear, QTensor, dense, packable
+from .packed import PackedEmbedding, PackedLinear, QTensor, dense, fuse, packable
 from .progress import progress, status
 from .registry import cache_dir
 from .tokenizer import Tokenizer
@@ -135,6 +135,7 @@ def build_model(
     if missing:
         raise WeightsError(f"weights lack {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
     model.load_state_dict(state, assign=True, strict=False)
+    model.fuse(fuse)
     model.init_rope(device)
     if divisors is not None:
         model.set_rope_divisors(divisors.to(device))
@@ -204,7 +205,7 @@ def _hf_folder(path: Path):
         for fp in files:
             try:
                 with safe_open(str(fp), framework="pt") as f:
-                    for k in f.keys():
+                    for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                         yield k, f.get_tensor(k)
             except (SafetensorError, OSError) as e:
                 raise WeightsError(f"{fp}: corrupt or truncated safetensors file ({e})") from None

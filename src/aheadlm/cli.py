@@ -1,6 +1,6 @@
 """Command line: `aheadlm generate | chat | models | bench | serve | train-drafter`.
 
-    aheadlm generate "The history of the printing press begins" --max-tokens 64 --stats
+aheadlm generate "The history of the printing press begins" --max-tokens 64 --stats
 """
 
 from __future__ import annotations
@@ -93,7 +93,10 @@ def cmd_chat(a: argparse.Namespace) -> int:
     history: list[dict] = []
     if a.system:
         history.append({"role": "system", "content": a.system})
-    print(f"aheadlm chat with {llm.name}. /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    print(
+        f"aheadlm chat with {llm.name}. /reset clears the conversation, /exit or Ctrl-D quits.",
+        file=sys.stderr,
+    )
     while True:
         try:
             line = input("> ")

@@ -158,6 +158,10 @@ def from_hf_config(cfg: dict[str, Any]) -> ModelConfig:
     model_type = cfg.get("model_type", "")
     if model_type == "gemma3" and "text_config" in cfg:
         cfg, model_type = cfg["text_config"], "gemma3_text"
+    if model_type not in ("gemma3_text", "gemma3", "llama", "mistral"):
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported (supported: gemma3, gemma3_text, llama)"
+        )
     heads = cfg["num_attention_heads"]
     common = dict(
         vocab_size=cfg["vocab_size"],

@@ -7,88 +7,36 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
+from . import speculative
 from .errors import ContextLengthError, InvalidRequestError
 from .kv_cache import KVCache
 from .model import Transformer
+from .outputs import GenerationStats, Step
+from .proposers import Proposer
 from .sampling import SamplingParams, apply_repetition_penalty, next_token
+from .speculative import SpecConfig
 
-
-@dataclass
-class Step:
-    """One engine step: the tokens it emitted and why generation ended, if it did."""
-
-    token_ids: list[int]
-    finish_reason: str | None = None
-    """None while running, then "stop" (stop token or string) or "length" (max tokens or context)."""
-    elapsed: float = 0.0
-    """Seconds spent on this step (the first step includes the prompt's prefill)."""
-    drafted: int = 0
-    accepted: int = 0
-    text: str = ""
-    """Text delta, filled in by the API layer."""
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    target_forwards: int = 0
-    """Decode-phase target forwards (prefill excluded)."""
-    drafted: int = 0
-    accepted: int = 0
-    accepted_by_position: list[int] = field(default_factory=list)
-    drafted_by_position: list[int] = field(default_factory=list)
-    target_s: float = 0.0
-    draft_s: float = 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Completion tokens over decode time (prefill excluded, first token included)."""
-        return self.completion_tokens / self.decode_s if self.decode_s > 0 else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """tau: tokens emitted per decode-phase target forward (1.0 for plain decoding)."""
-        return (self.completion_tokens - 1) / self.target_forwards if self.target_forwards else 1.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    def acceptance_by_position(self) -> list[float]:
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
-
-    def to_dict(self) -> dict:
-        total = self.prefill_s + self.decode_s
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "prefill_s": round(self.prefill_s, 4),
-            "decode_s": round(self.decode_s, 4),
-            "tokens_per_s": round(self.tokens_per_s, 2),
-            "target_forwards": self.target_forwards,
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "acceptance_rate": round(self.acceptance_rate, 4),
-            "mean_accepted_length": round(self.mean_accepted_length, 3),
-            "acceptance_by_position": [round(x, 4) for x in self.acceptance_by_position()],
-            "time_target_s": round(self.target_s, 4),
-            "time_draft_s": round(self.draft_s, 4),
-            "time_other_s": round(max(0.0, total - self.target_s - self.draft_s), 4),
-        }
+__all__ = ["Engine", "GenerationStats", "Step"]
 
 
 class Engine:
     """Runs one sequence at a time through a target model, optionally with a proposer."""
 
-    def __init__(self, model: Transformer, *, n_ctx: int | None = None, max_step: int = 256):
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        proposer: Proposer | None = None,
+        spec: SpecConfig | None = None,
+        n_ctx: int | None = None,
+        max_step: int = 256,
+    ):
         self.model = model
+        self.proposer = proposer
+        self.spec = spec or SpecConfig()
         self.config = model.config
         self.n_ctx = min(n_ctx or self.config.max_position, self.config.max_position)
         self.max_step = max_step
@@ -136,18 +84,33 @@ class Engine:
     def generate(
         self,
         prompt: list[int],
-        params: SamplingParams = SamplingParams(),
+        params: SamplingParams | None = None,
         *,
         max_tokens: int = 256,
         stop_ids: tuple[int, ...] = (),
         generator: torch.Generator | None = None,
         stats: GenerationStats | None = None,
     ) -> Iterator[Step]:
-        """Plain decoding: one target forward per token."""
+        """Decode `prompt`: speculatively when the engine has a proposer, else one target forward
+        per token. Yields a `Step` per round; the last one carries `finish_reason`."""
+        params = params or SamplingParams()
         self.check_prompt(prompt, max_tokens)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt)
         generator = generator or params.make_generator(self.device)
+        if self.proposer is not None and self.proposer.name != "none":
+            yield from speculative.generate(
+                self,
+                self.proposer,
+                self.spec,
+                prompt,
+                params,
+                max_tokens=max_tokens,
+                stop_ids=stop_ids,
+                generator=generator,
+                stats=stats,
+            )
+            return
         cache = self.new_cache(len(prompt) + max_tokens)
         penalty = params.repetition_penalty or 1.0
         seen = torch.tensor(prompt, device=self.device)

@@ -99,7 +99,7 @@ def _split_blocks(name: str, blocks: np.ndarray):
         d, dmin = _f16(blocks[:, :2]), _f16(blocks[:, 2:4])
         sc, mn = _k_scales(blocks[:, 4:16])
         if name == "Q4_K":
-            q = (blocks[:, 16:].reshape(n, -1, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1))
+            q = blocks[:, 16:].reshape(n, -1, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
             q = (q & np.uint8(0x0F)).reshape(n, 256)
         else:
             qh = blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
@@ -109,8 +109,10 @@ def _split_blocks(name: str, blocks: np.ndarray):
         return q.astype(np.int8), d * sc.astype(np.float32), -(dmin * mn.astype(np.float32)), 32
     if name == "Q6_K":
         ql, qh, scales, d = blocks[:, :128], blocks[:, 128:192], blocks[:, 192:208], blocks[:, 208:]
-        lo = (ql.reshape(n, -1, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
-        hi = (qh.reshape(n, -1, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & np.uint8(3)
+        shifts2 = np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        shifts4 = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+        lo = (ql.reshape(n, -1, 1, 64) >> shifts2) & np.uint8(0x0F)
+        hi = (qh.reshape(n, -1, 1, 32) >> shifts4) & np.uint8(3)
         q = (lo.reshape(n, -1, 32) | (hi.reshape(n, -1, 32) << np.uint8(4))).astype(np.int8) - np.int8(32)
         return q.reshape(n, 256), _f16(d) * scales.view(np.int8).astype(np.float32), None, 16
     raise ValueError(name)
@@ -138,6 +140,13 @@ def split_quantized(t) -> tuple | None:
     if not np.array_equal(w.reshape(rows, cols), dequantize(t.data, t.tensor_type).reshape(rows, cols)):
         return None
     return q, scale, offset, sub
+
+
+def _rows(a: np.ndarray | None, heads: int) -> torch.Tensor | None:
+    """Tensor from a numpy array, with llama.cpp's q/k row permutation undone when `heads`."""
+    if a is None:
+        return None
+    return torch.from_numpy(np.array(_unpermute(a, heads) if heads else a, order="C"))
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -204,21 +213,16 @@ class GGUFFile:
             name = map_name(t.name)
             if name is None:
                 continue
-            heads = None
+            heads = 0
             if config.arch == "llama" and ".attn.q." in name:
                 heads = config.num_heads
             elif config.arch == "llama" and ".attn.k." in name:
                 heads = config.num_kv_heads
-            fix = (lambda a: _unpermute(a, heads)) if heads else (lambda a: a)
             try:
                 parts = split_quantized(t) if t.tensor_type not in (Q.F32, Q.F16, Q.BF16) else None
                 if parts is not None:
-                    q, scale, offset, block = parts
-
-                    def tensor(a):
-                        return None if a is None else torch.from_numpy(np.ascontiguousarray(fix(a)))
-
-                    yield name, QTensor(tensor(q), tensor(scale), tensor(offset), block)
+                    q, scale, offset, block = (_rows(a, heads) for a in parts[:3]) + (parts[3],)
+                    yield name, QTensor(q, scale, offset, block)
                     continue
                 if t.tensor_type in (Q.F32, Q.F16):
                     arr = np.asarray(t.data, dtype=np.float32).reshape(t.shape[::-1].tolist())
@@ -228,7 +232,7 @@ class GGUFFile:
                 raise UnsupportedModelError(
                     f"{self.path}: tensor type {t.tensor_type.name} ({t.name}) is not supported"
                 ) from None
-            yield name, torch.from_numpy(np.array(fix(arr), dtype=np.float32, order="C"))
+            yield name, _rows(np.asarray(arr, dtype=np.float32), heads)
 
     def num_tensors(self) -> int:
         return len(self.reader.tensors)

@@ -84,9 +84,7 @@ class KVCache:
         last = positions[:, -1].tolist()
         first = positions[:, 0].tolist()
         if max(last) >= self.max_len:
-            raise ContextLengthError(
-                f"position {max(last)} is past the KV cache size {self.max_len}"
-            )
+            raise ContextLengthError(f"position {max(last)} is past the KV cache size {self.max_len}")
         if T > self.max_step and any(g.ring for g in self.groups.values()):
             raise ValueError(f"a forward may add at most {self.max_step} tokens (got {T})")
         for b in range(B):
@@ -107,7 +105,7 @@ class KVCache:
         B, T = positions.shape
         kpos = g.pos[:, None, :end]  # [B, 1, end]
         qpos = positions[:, :, None]  # [B, T, 1]
-        if T == 1 and B == 1 and not g.ring and end == self.lengths[0]:
+        if T == 1 and B == 1 and g.window is None and end == self.lengths[0]:
             return None  # decode step on a full layer: every cached slot is in the past
         allowed = (kpos >= 0) & (kpos <= qpos)
         if g.window is not None:
@@ -151,7 +149,8 @@ class KVCache:
             raise ValueError(f"cannot trim to {length}: only {self.lengths[row]} tokens cached")
         if length < self.min_length(row):
             raise ValueError(
-                f"cannot trim to {length}: sliding-window entries before {self.min_length(row)} were overwritten"
+                f"cannot trim to {length}: sliding-window entries before "
+                f"{self.min_length(row)} were overwritten"
             )
         for g in self.groups.values():
             p = g.pos[row]

@@ -25,9 +25,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -83,12 +81,24 @@ class Attention(nn.Module):
         self.o = nn.Linear(self.n_heads * d, h, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.qkv = None
+
+    def fuse(self, fuse_fn) -> None:
+        """Replace q/k/v by one fused projection (inference only)."""
+        self.qkv = fuse_fn([self.q, self.k, self.v])
+        if self.qkv is not None:
+            del self.q, self.k, self.v
 
     def forward(self, x, rope, cache: KVCache, layer: int, view: AttnView):
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv is not None:
+            nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+            q, k, v = self.qkv(x).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
@@ -106,11 +116,20 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.gelu = cfg.activation == "gelu_tanh"
+        self.gate_up = None
+
+    def fuse(self, fuse_fn) -> None:
+        self.gate_up = fuse_fn([self.gate, self.up])
+        if self.gate_up is not None:
+            del self.gate, self.up
 
     def forward(self, x):
-        g = self.gate(x)
+        if self.gate_up is not None:
+            g, u = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            g, u = self.gate(x), self.up(x)
         g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
-        return self.down(g * self.up(x))
+        return self.down(g * u)
 
 
 class Block(nn.Module):
@@ -152,9 +171,26 @@ class Transformer(nn.Module):
             inv = inv if device is None else inv.to(device)
             self.register_buffer(f"inv_freq_{t}", inv, persistent=False)
 
+    def fuse(self, fuse_fn) -> None:
+        """Fuse q/k/v and gate/up projections in every block (inference only)."""
+        for block in self.layers:
+            block.attn.fuse(fuse_fn)
+            block.mlp.fuse(fuse_fn)
+
     def set_rope_divisors(self, divisors: torch.Tensor) -> None:
         """GGUF `rope_freqs`: per-frequency divisors (how llama.cpp stores Llama 3.1 RoPE scaling)."""
         self.inv_freq_full = self.inv_freq_full / divisors.float()
+
+    def embed_dtype(self) -> torch.dtype:
+        """Activation dtype (packed weights compute in float32)."""
+        return self.norm.weight.dtype
+
+    def head_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the output head's weight (a clustered draft head scores only these)."""
+        if self.lm_head is None:
+            return self.embed(ids)
+        head = self.lm_head
+        return head.rows(ids) if hasattr(head, "rows") else head.weight[ids]
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Scaled input embeddings (the drafter reuses this)."""

@@ -72,7 +72,8 @@ class PackedLinear(nn.Module):
             self.block = weight.block
             self.register_buffer("q", weight.q.contiguous())
             self.register_buffer("scale", weight.scale.float().contiguous())
-            self.register_buffer("offset", (weight.offset if weight.offset is not None else torch.empty(0)).float())
+            offset = weight.offset if weight.offset is not None else torch.empty(0)
+            self.register_buffer("offset", offset.float().contiguous())
             self.w16 = None
         else:
             self.block = 0
@@ -80,9 +81,14 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
-        if self.block:
-            return QTensor(self.q, self.scale, self.offset if self.offset.numel() else None, self.block).dequantize()
-        return self.w16.float()
+        return self.qtensor().dequantize() if self.block else self.w16.float()
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float32 weight rows `ids` (any shape of indices)."""
+        return self.qtensor().dequantize(ids) if self.block else self.w16[ids].float()
+
+    def qtensor(self) -> QTensor:
+        return QTensor(self.q, self.scale, self.offset if self.offset.numel() else None, self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -108,11 +114,7 @@ class PackedEmbedding(nn.Module):
         return self.table.dense_weight()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = self.table
-        if t.block:
-            off = t.offset if t.offset.numel() else None
-            return QTensor(t.q, t.scale, off, t.block).dequantize(tokens)
-        return t.w16[tokens].float()
+        return self.table.rows(tokens)
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         return self.table(h)
@@ -129,3 +131,45 @@ def packable(weight: torch.Tensor | QTensor) -> bool:
 
 def dense(weight: torch.Tensor | QTensor) -> torch.Tensor:
     return weight.dequantize() if isinstance(weight, QTensor) else weight
+
+
+def _as_block(t: QTensor, block: int, with_offset: bool) -> QTensor:
+    """Re-express a QTensor with a smaller block and/or an explicit zero offset (exact)."""
+    scale, offset = t.scale, t.offset
+    if block != t.block:
+        rep = t.block // block
+        scale = scale.repeat_interleave(rep, dim=1)
+        offset = None if offset is None else offset.repeat_interleave(rep, dim=1)
+    if with_offset and offset is None:
+        offset = torch.zeros_like(scale)
+    return QTensor(t.q, scale, offset, block)
+
+
+def fuse(modules: list[nn.Module]) -> nn.Module | None:
+    """One linear computing the concatenated outputs of `modules` (same input), or None when
+    they cannot be combined. Saves kernel launches per layer (q/k/v, gate/up)."""
+    if all(type(m) is nn.Linear for m in modules):
+        if any((m.bias is None) != (modules[0].bias is None) for m in modules):
+            return None
+        w = torch.cat([m.weight for m in modules])
+        out = nn.Linear(
+            w.shape[1], w.shape[0], bias=modules[0].bias is not None, device=w.device, dtype=w.dtype
+        )
+        out.weight = nn.Parameter(w, requires_grad=False)
+        if out.bias is not None:
+            out.bias = nn.Parameter(torch.cat([m.bias for m in modules]), requires_grad=False)
+        return out
+    if not all(isinstance(m, PackedLinear) and m.bias is None for m in modules):
+        return None
+    if all(m.block == 0 for m in modules):
+        return PackedLinear(torch.cat([m.w16 for m in modules]))
+    if any(m.block == 0 for m in modules):
+        return None
+    parts = [m.qtensor() for m in modules]
+    block = min(p.block for p in parts)
+    with_offset = any(p.offset is not None for p in parts)
+    parts = [_as_block(p, block, with_offset) for p in parts]
+    offset = torch.cat([p.offset for p in parts]) if with_offset else None
+    return PackedLinear(
+        QTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), offset, block)
+    )

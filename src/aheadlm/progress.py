@@ -20,6 +20,12 @@ def progress(iterable, total=None, desc=None, **kwargs):
     from tqdm import tqdm
 
     return tqdm(
-        iterable, total=total, desc=desc, delay=1.0, disable=not enabled(), file=sys.stderr,
-        dynamic_ncols=True, **kwargs,
+        iterable,
+        total=total,
+        desc=desc,
+        delay=1.0,
+        disable=not enabled(),
+        file=sys.stderr,
+        dynamic_ncols=True,
+        **kwargs,
     )

@@ -1,0 +1,293 @@
+"""The MTP drafter (Gemma 4 assistant architecture): Q-only transformer layers that read the
+target's KV cache, fed with `concat(scaled target embedding of the last token, target post-norm
+hidden)`.
+
+One draft round (query position fixed at the position of the last accepted token `tok`):
+
+    h = target hidden of the row that produced tok
+    for step in range(k):
+        x  = pre_projection(cat(E_target(tok) * embed_scale, h))
+        x  = layers(x, K/V of the target's last sliding and last full layer)   # no drafter KV cache
+        hd = norm(x);  h = post_projection(hd)                                   # h feeds the next step
+        tok = argmax(head(hd or h))
+
+The network only: proposing, sampling and verification live in `speculative.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FULL, SLIDING, ModelConfig
+from .errors import DrafterMismatchError, WeightsError
+from .model import RMSNorm, attend, rope_tables, rotate_half
+
+
+@dataclass(frozen=True)
+class DrafterConfig:
+    target_hidden: int
+    """Width of the target's hidden state (Gemma 4: backbone_hidden_size)."""
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    """Must equal the target's (the drafter attends over the target's K/V)."""
+    head_dim: int
+    vocab_size: int
+    layer_types: tuple[str, ...] = ()
+    """Per drafter layer: which target layer type's K/V it reads ("sliding" or "full")."""
+    rms_norm_eps: float = 1e-6
+    activation: str = "gelu_tanh"
+    query_scale: float = 0.0
+    """0 means 1/sqrt(head_dim)."""
+    qk_norm: bool = True
+    head: str = "target"
+    """"target": score post_projection output with the target's output head (shares its table);
+    "own": score the drafter's normed state with its own embedding table (Gemma 4 assistants)."""
+    num_centroids: int = 0
+    """0 = dense head; else clustered head: score centroids, keep `centroid_top_k` clusters."""
+    centroid_top_k: int = 32
+    target_arch: str = ""
+    target_layer_types: tuple[str, ...] = ()
+    """The target's layer types, recorded to refuse a drafter built for another model."""
+
+    def __post_init__(self):
+        if not self.layer_types:
+            object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "target_layer_types", tuple(self.target_layer_types))
+        if self.query_scale == 0.0:
+            object.__setattr__(self, "query_scale", self.head_dim**-0.5)
+
+    @classmethod
+    def for_target(cls, target: ModelConfig, **kw: Any) -> DrafterConfig:
+        """A drafter shaped to read `target`'s cache: heads and head_dim follow the target; the
+        last layer reads the full-attention K/V, earlier ones the sliding K/V when there is one."""
+        n = kw.pop("num_layers", 2)
+        types = tuple(SLIDING if (i < n - 1 and SLIDING in target.layer_types) else FULL for i in range(n))
+        base = dict(
+            target_hidden=target.hidden_size,
+            hidden_size=target.hidden_size,
+            intermediate_size=target.intermediate_size,
+            num_layers=n,
+            num_heads=target.num_heads,
+            num_kv_heads=target.num_kv_heads,
+            head_dim=target.head_dim,
+            vocab_size=target.vocab_size,
+            layer_types=types,
+            rms_norm_eps=target.rms_norm_eps,
+            activation=target.activation,
+            query_scale=target.query_scale,
+            target_arch=target.arch,
+            target_layer_types=target.layer_types,
+        )
+        base.update(kw)
+        return cls(**base)
+
+    def check_target(self, target: ModelConfig) -> None:
+        """Refuse a drafter that was trained for a different target."""
+        problems = []
+        if self.target_hidden != target.hidden_size:
+            problems.append(f"hidden size {self.target_hidden} != {target.hidden_size}")
+        if self.vocab_size != target.vocab_size:
+            problems.append(f"vocabulary {self.vocab_size} != {target.vocab_size}")
+        if self.num_kv_heads != target.num_kv_heads or self.head_dim != target.head_dim:
+            problems.append("KV heads/head_dim differ from the target's")
+        if self.target_layer_types and self.target_layer_types != target.layer_types:
+            problems.append("layer types differ")
+        if any(t not in target.layer_types for t in self.layer_types):
+            problems.append("reads a layer type the target does not have")
+        if problems:
+            raise DrafterMismatchError("drafter does not belong to this target: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DrafterConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class DraftLayer(nn.Module):
+    """Gemma-4-style decoder layer whose attention has queries only."""
+
+    def __init__(self, cfg: DrafterConfig, layer_type: str):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        eps = cfg.rms_norm_eps
+        self.layer_type = layer_type
+        self.n_heads, self.head_dim, self.scale = cfg.num_heads, d, cfg.query_scale
+        self.attn_norm = RMSNorm(h, eps)
+        self.q = nn.Linear(h, cfg.num_heads * d, bias=False)
+        self.q_norm = RMSNorm(d, eps) if cfg.qk_norm else None
+        self.o = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.post_attn_norm = RMSNorm(h, eps)
+        self.mlp_norm = RMSNorm(h, eps)
+        self.gate = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.up = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
+        self.post_mlp_norm = RMSNorm(h, eps)
+        self.gelu = cfg.activation == "gelu_tanh"
+        self.layer_scalar = nn.Parameter(torch.ones(1))
+
+    def forward(self, x, ctx: RoundContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(self.attn_norm(x)).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        cos, sin = ctx.rope[self.layer_type]
+        q = q * cos + rotate_half(q) * sin
+        k, v, mask = ctx.kv[self.layer_type]
+        a = attend(q.to(k.dtype), k, v, mask, self.scale).to(x.dtype)
+        x = x + self.post_attn_norm(self.o(a.transpose(1, 2).reshape(B, T, -1)))
+        y = self.mlp_norm(x)
+        g = self.gate(y)
+        g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
+        x = x + self.post_mlp_norm(self.down(g * self.up(y)))
+        return x * self.layer_scalar
+
+
+@dataclass
+class RoundContext:
+    """What stays fixed within a draft round: RoPE at the query position, and the target's K/V of
+    each layer type with its mask (views into the target cache, no copies)."""
+
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+class MTPDrafter(nn.Module):
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.config = cfg
+        self.pre_projection = nn.Linear(2 * cfg.target_hidden, cfg.hidden_size, bias=False)
+        self.layers = nn.ModuleList(DraftLayer(cfg, t) for t in cfg.layer_types)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_projection = nn.Linear(cfg.hidden_size, cfg.target_hidden, bias=False)
+        head_dim = cfg.hidden_size if cfg.head == "own" else cfg.target_hidden
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size)) if cfg.head == "own" else None
+        if cfg.num_centroids:
+            self.centroids = nn.Linear(head_dim, cfg.num_centroids, bias=False)
+            self.register_buffer("token_ordering", torch.arange(cfg.vocab_size, dtype=torch.long))
+        else:
+            self.centroids = None
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> MTPDrafter:
+        """Random initialisation for training (norms and layer scalars start at 1)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layer_scalar"):
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+        if self.centroids is not None:
+            self.token_ordering = torch.arange(self.config.vocab_size, dtype=torch.long)
+        return self
+
+    # -- one round --------------------------------------------------------------------------------
+    def round_context(self, target, cache, position: torch.Tensor) -> RoundContext:
+        """Build the per-round context for query positions `position` [B] (the positions of the
+        last accepted tokens). Reads the K/V of the target's last layer of each type in place."""
+        tcfg = target.config
+        pos = position[:, None]  # [B, 1]
+        rope, kv = {}, {}
+        for t in set(self.config.layer_types):
+            inv = getattr(target, f"inv_freq_{t}")
+            rope[t] = rope_tables(inv, pos, target.embed_dtype())
+            k, v, kpos = cache.read(tcfg.last_layer_of(t))
+            allowed = (kpos >= 0) & (kpos < pos)  # [B, S]
+            if t == SLIDING and tcfg.sliding_window:
+                allowed &= pos - kpos < tcfg.sliding_window
+            kv[t] = (k, v, allowed[:, None, None, :])
+        return RoundContext(rope, kv)
+
+    def step(self, target, tokens: torch.Tensor, hidden: torch.Tensor, ctx: RoundContext):
+        """tokens [B], hidden [B, H_target] -> (head input [B, H_head], next hidden [B, H_target])."""
+        e = target.embed_tokens(tokens[:, None]).to(hidden.dtype)
+        x = self.pre_projection(torch.cat([e, hidden[:, None]], dim=-1))
+        for layer in self.layers:
+            x = layer(x, ctx)
+        hd = self.norm(x)
+        h_next = self.post_projection(hd)
+        head_in = hd if self.config.head == "own" else h_next
+        return head_in[:, 0], h_next[:, 0]
+
+    def logits(self, target, head_in: torch.Tensor) -> torch.Tensor:
+        """Dense scores over the vocabulary [B, V] (clustered heads: -inf outside kept clusters)."""
+        if self.centroids is None:
+            return self._dense(target, head_in)
+        ids = self.candidates(head_in)  # [B, n]
+        scores = self.score_rows(target, head_in, ids)
+        out = torch.full((head_in.shape[0], self.config.vocab_size), float("-inf"), dtype=scores.dtype)
+        return out.scatter(-1, ids, scores)
+
+    def _dense(self, target, head_in):
+        if self.embed is not None:
+            return F.linear(head_in, self.embed.to(head_in.dtype))
+        return target.logits(head_in[:, None].to(target.embed_dtype()))[:, 0].float()
+
+    def candidates(self, head_in: torch.Tensor) -> torch.Tensor:
+        """Token ids of the top `centroid_top_k` clusters [B, k * cluster_size]."""
+        c = self.config
+        top = self.centroids(head_in.to(self.centroids.weight.dtype)).topk(c.centroid_top_k, dim=-1).indices
+        per = self.token_ordering.view(c.num_centroids, -1)
+        return per[top].flatten(1)
+
+    def score_rows(self, target, head_in: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Scores of the tokens `ids` [B, n] only -> [B, n] float32."""
+        if self.embed is not None:
+            rows = self.embed[ids].to(head_in.dtype)
+        else:
+            rows = target.head_rows(ids).to(head_in.dtype)
+        s = torch.einsum("bh,bnh->bn", head_in, rows).float()
+        cap = target.config.final_logit_softcap if self.embed is None else None
+        return torch.tanh(s / cap) * cap if cap else s
+
+
+def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu") -> MTPDrafter:
+    """Load a drafter folder (config.json + model.safetensors) and check it fits the target."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    try:
+        cfg = DrafterConfig.from_dict(json.loads((d / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise WeightsError(f"{d}: not a drafter folder ({e})") from None
+    cfg.check_target(target_config)
+    with torch.device("meta"):
+        drafter = MTPDrafter(cfg)
+    try:
+        state = load_file(str(d / "model.safetensors"))
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{d}/model.safetensors: corrupt or missing ({e})") from None
+    state = {k: v.float().to(device) if v.is_floating_point() else v.to(device) for k, v in state.items()}
+    missing = set(drafter.state_dict()) - set(state)
+    if missing:
+        raise WeightsError(f"{d}: drafter weights lack {sorted(missing)[:3]}")
+    drafter.load_state_dict(state, assign=True, strict=True)
+    return drafter.eval()
+
+
+def save_drafter(drafter: MTPDrafter, directory: str | Path, record: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
+        for k, v in drafter.state_dict().items()
+    }
+    save_file(state, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=1))
+    if record is not None:
+        (d / "training.json").write_text(json.dumps(record, indent=1))

@@ -1,0 +1,232 @@
+"""Proposers behind one small interface: `mtp` (an MTP drafter reading the target's cache),
+`ngram` (prompt lookup), `draft` (a smaller model with the same tokenizer) and `none`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .drafter import MTPDrafter
+from .kv_cache import KVCache
+from .model import Transformer
+from .sampling import SamplingParams, processed_probs
+
+
+@dataclass
+class Draft:
+    """Proposed tokens and, when they were sampled, the distributions they were sampled from."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None = None
+    """[len(tokens), V] drafter's processed distributions; None means chosen deterministically."""
+
+
+@dataclass
+class SpecState:
+    """What a proposer may read. `tokens[-1]` is the newest token, not yet in the target cache;
+    `hidden` is the target's post-norm hidden state of the row that produced it."""
+
+    tokens: list[int]
+    hidden: torch.Tensor
+    cache: KVCache
+    target: Transformer
+
+
+class Proposer:
+    """Base class: proposes nothing (plain decoding)."""
+
+    name = "none"
+
+    def begin(self, prompt: list[int]) -> None:
+        """A new request starts."""
+
+    def propose(self, state: SpecState, k: int, params: SamplingParams, generator: torch.Generator) -> Draft:
+        return Draft([])
+
+    def after_verify(self, state: SpecState) -> None:
+        """Called with the new state after each round (accepted tokens and bonus appended)."""
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator):
+    """A draft token from drafter logits [V] -> (token, its processed distribution or None, confidence)."""
+    if params.greedy:
+        probs = torch.softmax(logits.float(), -1)
+        tok = int(probs.argmax())
+        return tok, None, float(probs[tok])
+    q = processed_probs(logits[None], params)[0]
+    tok = int(torch.multinomial(q, 1, generator=generator))
+    return tok, q, float(q.max())
+
+
+class MTPProposer(Proposer):
+    """Drafts with an MTP drafter: the query position stays at the last token's position, the
+    drafter reads the target's K/V in place, and no draft token enters any cache."""
+
+    name = "mtp"
+
+    def __init__(self, drafter: MTPDrafter, threshold: float = 0.0):
+        self.drafter = drafter
+        self.threshold = threshold
+        """Adaptive drafting: end the round before a draft whose confidence is below this."""
+
+    @torch.inference_mode()
+    def propose(self, state, k, params, generator):
+        if k <= 0:
+            return Draft([])
+        target, d = state.target, self.drafter
+        pos = torch.tensor([len(state.tokens) - 1])
+        ctx = d.round_context(target, state.cache, pos)
+        tok = torch.tensor([state.tokens[-1]])
+        h = state.hidden[None].to(d.pre_projection.weight.dtype)
+        tokens, qs = [], []
+        for _ in range(k):
+            head_in, h = d.step(target, tok, h, ctx)
+            choice, q, conf = _choose(d.logits(target, head_in)[0], params, generator)
+            if conf < self.threshold and tokens:
+                break
+            tokens.append(choice)
+            qs.append(q)
+            tok = torch.tensor([choice])
+        return Draft(tokens, None if params.greedy else torch.stack(qs))
+
+
+class NgramProposer(Proposer):
+    """Prompt lookup: find the latest earlier occurrence of the last n tokens (n = max_n..min_n)
+    in prompt + output and propose what followed it. Training-free; strong on copy-heavy text."""
+
+    name = "ngram"
+
+    def __init__(self, max_n: int = 3, min_n: int = 1):
+        self.max_n, self.min_n = max_n, min_n
+        self._index: dict[tuple[int, ...], int] = {}
+        self._indexed = 0
+
+    def begin(self, prompt):
+        self._index, self._indexed = {}, 0
+
+    def _extend(self, tokens: list[int]) -> None:
+        # Index n-grams ending strictly before the last token, so a match never points at itself.
+        for end in range(self._indexed, len(tokens) - 1):
+            for n in range(self.min_n, self.max_n + 1):
+                if end - n + 1 >= 0:
+                    self._index[tuple(tokens[end - n + 1 : end + 1])] = end
+        self._indexed = max(self._indexed, len(tokens) - 1)
+
+    def propose(self, state, k, params, generator):
+        toks = state.tokens
+        self._extend(toks)
+        for n in range(self.max_n, self.min_n - 1, -1):
+            if len(toks) < n:
+                continue
+            end = self._index.get(tuple(toks[-n:]))
+            if end is not None:
+                return Draft(toks[end + 1 : end + 1 + k])
+        return Draft([])
+
+
+class DraftModelProposer(Proposer):
+    """A smaller model with the same tokenizer drafts autoregressively with its own KV cache."""
+
+    name = "draft"
+
+    def __init__(self, model: Transformer, n_ctx: int, threshold: float = 0.0):
+        self.model = model
+        self.n_ctx = n_ctx
+        self.threshold = threshold
+        self.cache: KVCache | None = None
+        self.fed: list[int] = []
+        """Tokens whose K/V the draft cache holds."""
+
+    def begin(self, prompt):
+        p = next(self.model.parameters())
+        self.cache = KVCache(self.model.config, self.n_ctx, dtype=self.model.embed_dtype(), device=p.device)
+        self.fed = []
+
+    def _feed(self, tokens: list[int]) -> torch.Tensor:
+        """Run the tokens the draft cache lacks; returns the logits after the last one."""
+        c = self.cache
+        logits = None
+        for i in range(c.length, len(tokens), c.max_step):
+            chunk = tokens[i : i + c.max_step]
+            pos = torch.arange(i, i + len(chunk))[None]
+            logits, _ = self.model(torch.tensor([chunk]), pos, c, num_logits=1)
+        self.fed = list(tokens)
+        return logits[0, -1]
+
+    @torch.inference_mode()
+    def propose(self, state, k, params, generator):
+        toks = list(state.tokens)
+        k = min(k, self.n_ctx - len(toks))
+        if k <= 0:
+            return Draft([])
+        logits = self._feed(toks)
+        tokens, qs = [], []
+        for i in range(k):
+            choice, q, conf = _choose(logits, params, generator)
+            if conf < self.threshold and tokens:
+                break
+            tokens.append(choice)
+            qs.append(q)
+            if i + 1 < k:
+                logits = self._feed(toks + tokens)
+        return Draft(tokens, None if params.greedy else torch.stack(qs))
+
+    def after_verify(self, state):
+        # Keep the longest prefix still part of the sequence; rejected drafts are forgotten, and
+        # the newest token is left for the next round to feed.
+        toks, keep = state.tokens, 0
+        limit = min(len(self.fed), len(toks) - 1)
+        while keep < limit and self.fed[keep] == toks[keep]:
+            keep += 1
+        if keep < self.cache.min_length():  # a ring cannot roll back that far: start over
+            self.begin(toks)
+            return
+        self.cache.trim(keep)
+        self.fed = self.fed[:keep]
+
+
+def make_proposer(
+    spec: str | None,
+    target: Transformer,
+    *,
+    model_name: str | None = None,
+    n_ctx: int = 4096,
+    threshold: float = 0.0,
+    dtype=None,
+) -> Proposer | None:
+    """Build a proposer from a user choice: None (the model's default drafter when one ships,
+    else none), "none", "ngram", "mtp" (the default drafter), "draft:MODEL" (a smaller model with
+    the same tokenizer), or a drafter folder."""
+    from pathlib import Path
+
+    from .checkpoint import load_model
+    from .drafter import load_drafter
+    from .errors import DrafterMismatchError, ModelNotFoundError
+    from .registry import default_drafter_dir, resolve
+
+    device = next(target.parameters()).device
+    if spec is None or spec == "mtp":
+        d = default_drafter_dir(model_name) if model_name else None
+        if d is None:
+            if spec == "mtp":
+                raise ModelNotFoundError(
+                    f"no default MTP drafter ships for {model_name!r}; pass a drafter folder"
+                )
+            return None
+        return MTPProposer(load_drafter(d, target.config, device), threshold)
+    if spec == "none":
+        return None
+    if spec == "ngram":
+        return NgramProposer()
+    if spec.startswith("draft:"):
+        draft_model, _ = load_model(resolve(spec[len("draft:") :]), dtype or target.embed_dtype(), device)
+        if draft_model.config.vocab_size != target.config.vocab_size:
+            raise DrafterMismatchError("the draft model's vocabulary differs from the target's")
+        return DraftModelProposer(draft_model, n_ctx, threshold)
+    path = Path(spec).expanduser()
+    if not (path / "config.json").exists():
+        raise ModelNotFoundError(
+            f"drafter {spec!r} not found: use none, ngram, mtp, draft:MODEL or a drafter folder"
+        )
+    return MTPProposer(load_drafter(path, target.config, device), threshold)

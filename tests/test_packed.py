@@ -1,0 +1,63 @@
+"""Compiled kernels against dense float32 math, and packed models against dense ones."""
+
+import pytest
+import torch
+
+from aheadlm.checkpoint import build_model, hf_state_dict
+from aheadlm.config import from_hf_config
+from aheadlm.kernels import cpu_kernels
+from aheadlm.kv_cache import KVCache
+from aheadlm.packed import PackedLinear, QTensor
+
+from helpers import tiny_hf
+
+pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no AVX2 kernels on this CPU")
+
+
+def random_qtensor(n, k, block, offset, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-32, 32, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, k // block, generator=g) * 0.01
+    off = torch.randn(n, k // block, generator=g) * 0.01 if offset else None
+    return QTensor(q, scale, off, block)
+
+
+@pytest.mark.parametrize("block,offset", [(32, False), (32, True), (16, False), (16, True)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 33, 70])
+def test_q8_matches_dense(block, offset, m):
+    w = random_qtensor(37, 96, block, offset)
+    x = torch.randn(m, 96)
+    got = PackedLinear(w)(x)
+    ref = x @ w.dequantize().t()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 12, 40])
+def test_bf16_matches_dense(m):
+    w = torch.randn(29, 64).bfloat16()
+    x = torch.randn(2, m, 64)
+    got = PackedLinear(w, bias=torch.ones(29))(x)
+    ref = x @ w.float().t() + 1
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dequantize_rows():
+    w = random_qtensor(10, 64, 32, True)
+    rows = torch.tensor([[3, 1], [9, 0]])
+    torch.testing.assert_close(w.dequantize(rows), w.dequantize()[rows])
+
+
+def test_packed_bf16_model_matches_dense():
+    """An HF checkpoint in bfloat16 runs packed (bf16 weights, float32 math) like dense float32."""
+    hf = tiny_hf("llama").bfloat16()
+    config = from_hf_config(hf.config.to_dict())
+    packed = build_model(config, hf_state_dict(hf.state_dict().items(), config), packed=True)
+    dense = build_model(config, hf_state_dict(hf.state_dict().items(), config), packed=False)
+    assert any(isinstance(m, PackedLinear) for m in packed.modules())
+    ids = torch.randint(0, 160, (1, 12))
+    outs = []
+    for model in (packed, dense):
+        cache = KVCache(config, 32)
+        with torch.no_grad():
+            outs.append(model(ids, torch.arange(12)[None], cache)[0])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)

@@ -1,0 +1,152 @@
+"""Speculative decoding on tiny random models: greedy output identical to plain decoding for every
+proposer and draft length, rounds cut by stop tokens / max tokens / the context end, a drafter that
+always agrees gets everything accepted, and adaptive drafting stays lossless."""
+
+import random
+
+import pytest
+import torch
+
+from aheadlm.drafter import DrafterConfig, MTPDrafter
+from aheadlm.engine import Engine, GenerationStats
+from aheadlm.proposers import Draft, DraftModelProposer, MTPProposer, NgramProposer, Proposer
+from aheadlm.sampling import SamplingParams
+from aheadlm.speculative import AdaptiveK, SpecConfig
+
+from helpers import ours_from_hf, tiny_hf
+
+
+class NoisyOracle(Proposer):
+    """Proposes the true greedy continuation with a fraction of tokens replaced: partial
+    acceptance at every depth."""
+
+    name = "oracle"
+
+    def __init__(self, reference: list[int], error_rate: float, seed: int = 0):
+        self.reference, self.error_rate = reference, error_rate
+        self.rng = random.Random(seed)
+
+    def propose(self, state, k, params, generator):
+        out = []
+        for i in range(k):
+            j = len(state.tokens) + i
+            if j >= len(self.reference):
+                break
+            t = self.reference[j]
+            out.append((t + 1) % 160 if self.rng.random() < self.error_rate else t)
+        return Draft(out)
+
+
+@pytest.fixture(scope="module", params=["gemma3", "llama"])
+def target(request):
+    return ours_from_hf(tiny_hf(request.param, seed=5))
+
+
+def random_drafter(target_model, seed=0, **kw):
+    cfg = DrafterConfig.for_target(target_model.config, hidden_size=32, intermediate_size=48, **kw)
+    return MTPDrafter(cfg).init_weights(0.2, torch.Generator().manual_seed(seed)).eval()
+
+
+def run(engine, prompt, params=None, **kw):
+    stats = GenerationStats()
+    toks, reason = [], None
+    for step in engine.generate(prompt, params, stats=stats, **kw):
+        toks += step.token_ids
+        reason = step.finish_reason
+    return toks, reason, stats
+
+
+PROMPTS = [[1, 5, 9, 14, 3], [3, 100, 101, 102, 100, 101, 102, 100], [9] * 20]
+
+
+def proposers_for(target):
+    draft = ours_from_hf(tiny_hf(target.config.arch, seed=11))
+    return {
+        "mtp": MTPProposer(random_drafter(target)),
+        "mtp-centroid": MTPProposer(random_drafter(target, num_centroids=16, centroid_top_k=4)),
+        "ngram": NgramProposer(),
+        "draft": DraftModelProposer(draft, n_ctx=512),
+        "self": DraftModelProposer(target, n_ctx=512),
+    }
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_greedy_identity_all_proposers(target, k):
+    plain = Engine(target)
+    for name, prop in proposers_for(target).items():
+        spec = Engine(target, proposer=prop, spec=SpecConfig(num_draft=k))
+        for prompt in PROMPTS:
+            ref, _, _ = run(plain, prompt, max_tokens=30)
+            got, _, stats = run(spec, prompt, max_tokens=30)
+            assert got == ref, (name, k, prompt)
+            if name == "self":  # the target as its own drafter: every draft accepted
+                assert stats.accepted == stats.drafted > 0
+
+
+@pytest.mark.parametrize("error_rate", [0.1, 0.4])
+def test_partial_acceptance_cut_by_limits(target, error_rate):
+    """Stop tokens, max_tokens and the context end falling inside a round."""
+    plain = Engine(target, n_ctx=64)
+    for prompt in PROMPTS:
+        ref, _, _ = run(plain, prompt, max_tokens=200)  # runs to the 64-token context end
+        for k in (3, 8):
+            # context end
+            oracle = NoisyOracle(prompt + ref, error_rate, seed=k)
+            got, reason, stats = run(
+                Engine(target, proposer=oracle, spec=SpecConfig(k), n_ctx=64), prompt, max_tokens=200
+            )
+            assert got == ref and reason == "length" and len(prompt) + len(got) == 64
+            assert 0 < stats.accepted < stats.drafted
+            # max tokens at every offset
+            for m in (1, 2, 5, 13):
+                got, reason, _ = run(
+                    Engine(target, proposer=oracle, spec=SpecConfig(k)), prompt, max_tokens=m
+                )
+                assert got == ref[:m] and reason == "length"
+            # a stop token: the first occurrence of some generated token
+            stop = ref[7]
+            cut = ref.index(stop)
+            ref_stop, reason_ref, _ = run(plain, prompt, max_tokens=200, stop_ids=(stop,))
+            got, reason, _ = run(
+                Engine(target, proposer=oracle, spec=SpecConfig(k)), prompt, max_tokens=200, stop_ids=(stop,)
+            )
+            assert got == ref_stop == ref[:cut] and reason == reason_ref == "stop"
+
+
+def test_adaptive_and_threshold_stay_lossless(target):
+    plain = Engine(target)
+    for prompt in PROMPTS:
+        ref, _, _ = run(plain, prompt, max_tokens=50)
+        oracle = NoisyOracle(prompt + ref, 0.2)
+        got, _, _ = run(
+            Engine(target, proposer=oracle, spec=SpecConfig(6, adaptive=True)), prompt, max_tokens=50
+        )
+        assert got == ref
+        mtp = MTPProposer(random_drafter(target), threshold=0.5)
+        got, _, _ = run(
+            Engine(target, proposer=mtp, spec=SpecConfig(6, adaptive=True)), prompt, max_tokens=50
+        )
+        assert got == ref
+
+
+def test_repetition_penalty_greedy_identity(target):
+    params = SamplingParams(repetition_penalty=1.3)
+    plain = Engine(target)
+    for prompt in PROMPTS:
+        ref, _, _ = run(plain, prompt, params, max_tokens=30)
+        oracle = NoisyOracle(prompt + ref, 0.2)
+        got, _, _ = run(Engine(target, proposer=oracle, spec=SpecConfig(4)), prompt, params, max_tokens=30)
+        assert got == ref
+
+
+def test_adaptive_k_prefers_long_drafts_when_accepted():
+    c = AdaptiveK(8)
+    for _ in range(60):
+        k = c.choose()
+        c.update(k, k, 1.0 + 0.05 * k)  # everything accepted, drafts cheap
+    assert c.choose() >= 7
+    c = AdaptiveK(8)
+    for _ in range(60):
+        k = c.choose()
+        c.update(k, 0, 1.0 + 0.3 * k)  # nothing accepted, drafts costly
+    assert c.choose() <= 2
