@@ -158,7 +158,8 @@ def main():
         rows.append(row)
         print(
             f"{name:<26} {med:7.2f} tok/s  x{row['vs_transformers_float32']:.2f} vs HF fp32  "
-            f"x{row['vs_transformers_bfloat16']:.2f} vs HF bf16  same tokens: {row['same_tokens_as_transformers_float32']}"
+            f"x{row['vs_transformers_bfloat16']:.2f} vs HF bf16  "
+            f"same tokens: {row['same_tokens_as_transformers_float32']}"
         )
     if a.json:
         with open(a.json, "w") as f:

@@ -72,9 +72,7 @@ def hf_reference(name: str):
     out = cache_dir() / "hf-reference" / name
     if not (out / "config.json").exists():
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         model.hf_quantizer = None  # a GGUF-loaded model refuses save_pretrained otherwise
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

@@ -99,9 +99,7 @@ def test_partial_acceptance_cut_by_limits(target, error_rate):
             assert 0 < stats.accepted < stats.drafted
             # max tokens at every offset
             for m in (1, 2, 5, 13):
-                got, reason, _ = run(
-                    Engine(target, proposer=oracle, spec=SpecConfig(k)), prompt, max_tokens=m
-                )
+                got, reason, _ = run(Engine(target, proposer=oracle, spec=SpecConfig(k)), prompt, max_tokens=m)
                 assert got == ref[:m] and reason == "length"
             # a stop token: the first occurrence of some generated token
             stop = ref[7]
@@ -118,14 +116,10 @@ def test_adaptive_and_threshold_stay_lossless(target):
     for prompt in PROMPTS:
         ref, _, _ = run(plain, prompt, max_tokens=50)
         oracle = NoisyOracle(prompt + ref, 0.2)
-        got, _, _ = run(
-            Engine(target, proposer=oracle, spec=SpecConfig(6, adaptive=True)), prompt, max_tokens=50
-        )
+        got, _, _ = run(Engine(target, proposer=oracle, spec=SpecConfig(6, adaptive=True)), prompt, max_tokens=50)
         assert got == ref
         mtp = MTPProposer(random_drafter(target), threshold=0.5)
-        got, _, _ = run(
-            Engine(target, proposer=mtp, spec=SpecConfig(6, adaptive=True)), prompt, max_tokens=50
-        )
+        got, _, _ = run(Engine(target, proposer=mtp, spec=SpecConfig(6, adaptive=True)), prompt, max_tokens=50)
         assert got == ref
 
 

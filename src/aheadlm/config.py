@@ -219,9 +219,7 @@ def from_hf_config(cfg: dict[str, Any]) -> ModelConfig:
             tie_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=cfg.get("attention_bias", False),
         )
-    raise UnsupportedModelError(
-        f"model_type {model_type!r} is not supported (supported: gemma3, gemma3_text, llama)"
-    )
+    raise UnsupportedModelError(f"model_type {model_type!r} is not supported (supported: gemma3, gemma3_text, llama)")
 
 
 def from_gguf_metadata(md: dict[str, Any], has_output_tensor: bool) -> ModelConfig:

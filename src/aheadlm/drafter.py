@@ -244,11 +244,8 @@ class MTPDrafter(nn.Module):
 
     def score_rows(self, target, head_in: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Scores of the tokens `ids` [B, n] only -> [B, n] float32."""
-        if self.embed is not None:
-            rows = self.embed[ids].to(head_in.dtype)
-        else:
-            rows = target.head_rows(ids).to(head_in.dtype)
-        s = torch.einsum("bh,bnh->bn", head_in, rows).float()
+        rows = self.embed[ids] if self.embed is not None else target.head_rows(ids)
+        s = torch.einsum("bh,bnh->bn", head_in, rows.to(head_in.dtype)).float()
         cap = target.config.final_logit_softcap if self.embed is None else None
         return torch.tanh(s / cap) * cap if cap else s
 
@@ -284,8 +281,7 @@ def save_drafter(drafter: MTPDrafter, directory: str | Path, record: dict | None
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {
-        k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous()
-        for k, v in drafter.state_dict().items()
+        k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in drafter.state_dict().items()
     }
     save_file(state, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=1))

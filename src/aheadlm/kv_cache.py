@@ -149,8 +149,7 @@ class KVCache:
             raise ValueError(f"cannot trim to {length}: only {self.lengths[row]} tokens cached")
         if length < self.min_length(row):
             raise ValueError(
-                f"cannot trim to {length}: sliding-window entries before "
-                f"{self.min_length(row)} were overwritten"
+                f"cannot trim to {length}: sliding-window entries before {self.min_length(row)} were overwritten"
             )
         for g in self.groups.values():
             p = g.pos[row]

@@ -50,10 +50,7 @@ class GenerationStats:
         return self.accepted / self.drafted if self.drafted else 0.0
 
     def acceptance_by_position(self) -> list[float]:
-        return [
-            a / d if d else 0.0
-            for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)
-        ]
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_by_position, self.drafted_by_position, strict=True)]
 
     def to_dict(self) -> dict:
         total = self.prefill_s + self.decode_s

@@ -152,9 +152,7 @@ def fuse(modules: list[nn.Module]) -> nn.Module | None:
         if any((m.bias is None) != (modules[0].bias is None) for m in modules):
             return None
         w = torch.cat([m.weight for m in modules])
-        out = nn.Linear(
-            w.shape[1], w.shape[0], bias=modules[0].bias is not None, device=w.device, dtype=w.dtype
-        )
+        out = nn.Linear(w.shape[1], w.shape[0], bias=modules[0].bias is not None, device=w.device, dtype=w.dtype)
         out.weight = nn.Parameter(w, requires_grad=False)
         if out.bias is not None:
             out.bias = nn.Parameter(torch.cat([m.bias for m in modules]), requires_grad=False)
@@ -170,6 +168,4 @@ def fuse(modules: list[nn.Module]) -> nn.Module | None:
     with_offset = any(p.offset is not None for p in parts)
     parts = [_as_block(p, block, with_offset) for p in parts]
     offset = torch.cat([p.offset for p in parts]) if with_offset else None
-    return PackedLinear(
-        QTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), offset, block)
-    )
+    return PackedLinear(QTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), offset, block))

@@ -210,9 +210,7 @@ def make_proposer(
         d = default_drafter_dir(model_name) if model_name else None
         if d is None:
             if spec == "mtp":
-                raise ModelNotFoundError(
-                    f"no default MTP drafter ships for {model_name!r}; pass a drafter folder"
-                )
+                raise ModelNotFoundError(f"no default MTP drafter ships for {model_name!r}; pass a drafter folder")
             return None
         return MTPProposer(load_drafter(d, target.config, device), threshold)
     if spec == "none":
@@ -226,7 +224,5 @@ def make_proposer(
         return DraftModelProposer(draft_model, n_ctx, threshold)
     path = Path(spec).expanduser()
     if not (path / "config.json").exists():
-        raise ModelNotFoundError(
-            f"drafter {spec!r} not found: use none, ngram, mtp, draft:MODEL or a drafter folder"
-        )
+        raise ModelNotFoundError(f"drafter {spec!r} not found: use none, ngram, mtp, draft:MODEL or a drafter folder")
     return MTPProposer(load_drafter(path, target.config, device), threshold)

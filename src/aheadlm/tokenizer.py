@@ -81,9 +81,7 @@ class Tokenizer:
         special = {}
         for name, tid in (("bos_token", self.bos_id), ("eos_token", self.eos_id)):
             special[name] = self.backend.id_to_token(tid) if tid is not None else ""
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special
-        )
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
 
     def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         text = self.render_chat(messages)
