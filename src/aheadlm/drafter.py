@@ -28,6 +28,7 @@ from torch import nn
 
 from .config import FULL, SLIDING, ModelConfig
 from .errors import DrafterMismatchError, WeightsError
+from .kv_cache import AttnView
 from .model import RMSNorm, attend, rope_tables, rotate_half
 
 
@@ -147,8 +148,8 @@ class DraftLayer(nn.Module):
             q = self.q_norm(q)
         cos, sin = ctx.rope[self.layer_type]
         q = q * cos + rotate_half(q) * sin
-        k, v, mask = ctx.kv[self.layer_type]
-        a = attend(q.to(k.dtype), k, v, mask, self.scale).to(x.dtype)
+        k, v, view = ctx.kv[self.layer_type]
+        a = attend(q.to(k.dtype), k, v, view, self.scale).to(x.dtype)
         x = x + self.post_attn_norm(self.o(a.transpose(1, 2).reshape(B, T, -1)))
         y = self.mlp_norm(x)
         g = self.gate(y)
@@ -163,7 +164,7 @@ class RoundContext:
     each layer type with its mask (views into the target cache, no copies)."""
 
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    kv: dict[str, tuple[torch.Tensor, torch.Tensor, AttnView]]
 
 
 class MTPDrafter(nn.Module):
@@ -203,11 +204,9 @@ class MTPDrafter(nn.Module):
         for t in set(self.config.layer_types):
             inv = getattr(target, f"inv_freq_{t}")
             rope[t] = rope_tables(inv, pos, target.embed_dtype())
-            k, v, kpos = cache.read(tcfg.last_layer_of(t))
-            allowed = (kpos >= 0) & (kpos < pos)  # [B, S]
-            if t == SLIDING and tcfg.sliding_window:
-                allowed &= pos - kpos < tcfg.sliding_window
-            kv[t] = (k, v, allowed[:, None, None, :])
+            view = cache.read_view(t, pos, strict=True)
+            k, v = cache.read(tcfg.last_layer_of(t), view.end)
+            kv[t] = (k, v, view)
         return RoundContext(rope, kv)
 
     def step(self, target, tokens: torch.Tensor, hidden: torch.Tensor, ctx: RoundContext):

@@ -30,14 +30,29 @@ class Group:
 
 @dataclass
 class AttnView:
-    """What one forward's attention needs for one layer type: where to write, what to read."""
+    """What attention needs for one layer type: where new K/V go and which cached keys each query
+    may see, expressed by positions (the compiled kernel reads them directly)."""
 
-    slots: torch.Tensor
-    """[B, T] slot index of each new token."""
+    slots: torch.Tensor | None
+    """[B, T] slot index of each new token (None for read-only views, e.g. the drafter's)."""
     end: int
     """Slots [0, end) are read."""
-    mask: torch.Tensor | None
-    """[B, 1, T, end] True where attention is allowed; None when every slot is visible."""
+    qpos: torch.Tensor
+    """[B, T] query positions."""
+    kpos: torch.Tensor
+    """[B, end] position held by each slot, -1 when empty."""
+    window: int | None = None
+    strict: bool = False
+    """Keys strictly before the query (the drafter's query is not in the cache)."""
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B, 1, T, end] True where attention is allowed (for the SDPA fallback)."""
+        k, q = self.kpos[:, None, :], self.qpos[:, :, None]
+        allowed = (k >= 0) & ((k < q) if self.strict else (k <= q))
+        if self.window is not None:
+            allowed &= q - k < self.window
+        return allowed[:, None]
 
 
 class KVCache:
@@ -98,19 +113,14 @@ class KVCache:
             g.pos.scatter_(1, slots, positions)
             end = g.size if g.ring else max(self.lengths)
             end = min(end, max(self._max_written) + 1)
-            views[name] = AttnView(slots, end, self._mask(g, positions, end))
+            views[name] = AttnView(slots, end, positions, g.pos[:, :end], g.window)
         return views
 
-    def _mask(self, g: Group, positions: torch.Tensor, end: int) -> torch.Tensor | None:
-        B, T = positions.shape
-        kpos = g.pos[:, None, :end]  # [B, 1, end]
-        qpos = positions[:, :, None]  # [B, T, 1]
-        if T == 1 and B == 1 and g.window is None and end == self.lengths[0]:
-            return None  # decode step on a full layer: every cached slot is in the past
-        allowed = (kpos >= 0) & (kpos <= qpos)
-        if g.window is not None:
-            allowed &= qpos - kpos < g.window
-        return allowed[:, None]
+    def read_view(self, layer_type: str, qpos: torch.Tensor, strict: bool = True) -> AttnView:
+        """A read-only view of one layer type's slots for queries at `qpos` [B, T] (the drafter)."""
+        g = self.groups[layer_type]
+        end = min(g.size, max(self._max_written) + 1) if g.ring else max(self.lengths)
+        return AttnView(None, end, qpos, g.pos[:, :end], g.window, strict)
 
     def write(self, layer: int, view: AttnView, k: torch.Tensor, v: torch.Tensor):
         """Store new `k`, `v` [B, kv_heads, T, head_dim] and return the readable K/V slices."""
@@ -131,11 +141,9 @@ class KVCache:
                 cv[b].index_copy_(1, view.slots[b], v[b])
         return ck[:, :, : view.end], cv[:, :, : view.end]
 
-    def read(self, layer: int, end: int | None = None):
-        """K/V of one layer (views, no copy), with the slot positions of its group."""
-        g = self.groups[self.config.layer_types[layer]]
-        end = g.size if end is None else end
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], g.pos[:, :end]
+    def read(self, layer: int, end: int):
+        """K/V of one layer's first `end` slots (views, no copy)."""
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def min_length(self, row: int = 0) -> int:
         """Shortest length row `row` can be trimmed to without losing sliding-window entries."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FULL, SLIDING, ModelConfig
+from .kernels import cpu_kernels
 from .kv_cache import AttnView, KVCache
 
 
@@ -40,18 +41,22 @@ def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dt
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def attend(q, k, v, mask, scale: float) -> torch.Tensor:
-    """Grouped-query attention without repeating K/V: queries sharing a KV head are stacked.
+def attend(q, k, v, view: AttnView, scale: float) -> torch.Tensor:
+    """Grouped-query attention of queries q `[B, Hq, T, D]` over cached k/v `[B, Hkv, S, D]`,
+    visibility given by `view`'s positions -> `[B, Hq, T, D]`.
 
-    q `[B, Hq, T, D]`, k/v `[B, Hkv, S, D]`, mask `[B, 1, T, S]` bool or None -> `[B, Hq, T, D]`.
-    """
+    Few float32 rows on CPU (decode, verification, drafting) go to the compiled kernel, which
+    computes every row on its own; the rest to SDPA with queries sharing a KV head stacked."""
     B, Hq, T, D = q.shape
+    kernels = cpu_kernels() if q.device.type == "cpu" and q.dtype == torch.float32 and T <= 64 else None
+    if kernels is not None:
+        return kernels.attention(q, k, v, view.kpos, view.qpos, scale, view.window or 0, view.strict)
     Hkv = k.shape[1]
     g = Hq // Hkv
-    q = q.reshape(B, Hkv, g * T, D)
-    if mask is not None and g > 1:
+    mask = view.mask
+    if g > 1:
         mask = mask.repeat(1, 1, g, 1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, g * T, D), k, v, attn_mask=mask, scale=scale)
     return out.reshape(B, Hq, T, -1)
 
 
@@ -105,7 +110,7 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k_all, v_all = cache.write(layer, view, k, v)
-        out = attend(q, k_all, v_all, view.mask, self.scale)
+        out = attend(q, k_all, v_all, view, self.scale)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -12,7 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
-_SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 
 def cpu_supports_avx2() -> bool:
@@ -42,7 +42,7 @@ def cpu_kernels():
         status("Compiling aheadlm CPU kernels (once, about a minute)")
     try:
         return cpp_extension.load(
-            name=f"aheadlm_cpu_gemm_{tag}",
+            name=f"aheadlm_cpu_kernels_{tag}",
             sources=[str(_SOURCE)],
             build_directory=str(build),
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"],

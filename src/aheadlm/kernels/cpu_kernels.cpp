@@ -1,4 +1,5 @@
-// Small-batch matrix products for CPU decoding and verification (AVX2 + FMA).
+// CPU kernels for decoding and verification (AVX2 + FMA): small-batch matrix products and
+// attention, both computing each row independently of the others (batch-invariant).
 //
 // y[M, N] = x[M, K] @ W[N, K]^T with float32 activations and compact weights:
 //   q8   : int8 values with one float32 scale (and optional offset) per block of BS weights along K,
@@ -13,6 +14,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -62,7 +64,7 @@ struct BF16Rows {
 };
 
 struct F32Rows {
-  static constexpr int kBlock = 8;
+  static constexpr int kBlock = 16;
   struct Scale {};
   const float* w;
   int64_t K;
@@ -70,13 +72,15 @@ struct F32Rows {
   inline __m256 load(int64_t n, int64_t k, const Scale&) const { return _mm256_loadu_ps(w + n * K + k); }
 };
 
-// Register tile: MR rows of x (row stride K) against NR weight rows starting at n. Tiles with few
-// rows keep U partial sums per output so that enough FMA chains run in parallel.
+// Register tile: MR rows of x (row stride K) against NR weight rows starting at n. Every output
+// sums its products in the same order whatever the tile shape (two partial sums over alternating
+// 8-wide vectors, then added), so a row's result does not depend on how many rows are computed
+// with it: batched verification gives bit-identical logits to one-token decoding.
 template <int MR, int NR, typename W>
 inline void tile(const W& w, const float* x, int64_t K, int64_t n, float* y, int64_t ldy) {
   constexpr int BS = W::kBlock;
-  constexpr int U = MR * NR >= 4 ? 1 : (MR * NR == 1 ? 4 : 2);
-  constexpr int UB = BS / 8 < U ? BS / 8 : U;
+  constexpr int UB = 2;
+  static_assert(BS % 16 == 0, "blocks hold whole pairs of vectors");
   __m256 acc[UB][MR][NR];
 #pragma GCC unroll 4
   for (int u = 0; u < UB; ++u)
@@ -111,7 +115,7 @@ inline void tile(const W& w, const float* x, int64_t K, int64_t n, float* y, int
     }
 }
 
-// M <= 8: every weight is widened once, one weight row per tile (one memory stream per thread).
+// M <= 6: every weight is widened once, one weight row per tile (one memory stream per thread).
 template <typename W>
 void gemm_small(const W& w, const float* x, int64_t M, int64_t K, int64_t N, float* y) {
   const int64_t grain = std::max<int64_t>(1, 16384 / K);
@@ -124,15 +128,13 @@ void gemm_small(const W& w, const float* x, int64_t M, int64_t K, int64_t N, flo
         case 3: tile<3, 1>(w, x, K, n, yn, N); break;
         case 4: tile<4, 1>(w, x, K, n, yn, N); break;
         case 5: tile<5, 1>(w, x, K, n, yn, N); break;
-        case 6: tile<6, 1>(w, x, K, n, yn, N); break;
-        case 7: tile<7, 1>(w, x, K, n, yn, N); break;
-        default: tile<8, 1>(w, x, K, n, yn, N); break;
+        default: tile<6, 1>(w, x, K, n, yn, N); break;
       }
     }
   });
 }
 
-// M > 8 (prefill chunks): widen two weight rows into a float32 buffer, then sweep all rows of x.
+// M > 36 (prefill chunks): widen two weight rows into a float32 buffer, then sweep all rows of x.
 template <typename W>
 void gemm_large(const W& w, const float* x, int64_t M, int64_t K, int64_t N, float* y) {
   const int64_t grain = std::max<int64_t>(1, 4096 / K);
@@ -163,18 +165,92 @@ void gemm_large(const W& w, const float* x, int64_t M, int64_t K, int64_t N, flo
   });
 }
 
-// Up to 32 rows: even chunks of at most 8 rows, each reading the weights once (cheaper than the
-// buffered path while widening dominates); beyond that the buffered path.
+// Up to 36 rows: even chunks of at most 6 rows, each reading the weights once (cheaper than the
+// buffered path while widening dominates); beyond that the buffered path. Both sum in the same order.
 template <typename W>
 void gemm(const W& w, const float* x, int64_t M, int64_t K, int64_t N, float* y) {
-  if (M > 32) return gemm_large(w, x, M, K, N, y);
-  const int64_t chunks = (M + 7) / 8, rows = (M + chunks - 1) / chunks;
+  if (M > 36) return gemm_large(w, x, M, K, N, y);
+  const int64_t chunks = (M + 5) / 6, rows = (M + chunks - 1) / chunks;
   for (int64_t m = 0; m < M; m += rows) {
     gemm_small(w, x + m * K, std::min(rows, M - m), K, N, y + m * N);
   }
 }
 
 }  // namespace
+
+// Attention for a few query rows against a cache: each (batch, head, query) row is computed on
+// its own, visiting keys in slot order, so its result does not depend on the other rows.
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
+  }
+  float r = hsum(_mm256_add_ps(s0, s1));
+  for (; d < D; ++d) r += a[d] * b[d];
+  return r;
+}
+
+// q [B, Hq, T, D]; k, v [B, Hkv, S, D] (D contiguous); kpos [B, S] slot positions (-1 empty);
+// qpos [B, T]. A key is visible when 0 <= kpos <= qpos (kpos < qpos if `strict`) and, with a
+// window, qpos - kpos < window. Rows that see no key are zero.
+torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kpos, torch::Tensor qpos,
+                        double scale, int64_t window, bool strict) {
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
+                  v.scalar_type() == torch::kFloat32, "attention: float32 only");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && kpos.stride(1) == 1, "attention: layout");
+  q = q.contiguous();
+  qpos = qpos.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2), group = Hq / Hkv;
+  auto out = torch::zeros_like(q);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t* kpp = kpos.data_ptr<int64_t>();
+  const int64_t* qpp = qpos.data_ptr<int64_t>();
+  float* op = out.data_ptr<float>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), kps0 = kpos.stride(0);
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * Hq * T, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> score(S);
+    std::vector<char> seen(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (Hq * T), h = (i / T) % Hq, t = i % T, kh = h / group;
+      const float* qr = qp + i * D;
+      const int64_t pos = qpp[b * T + t];
+      const float* kb = kp + b * ks0 + kh * ks1;
+      const float* vb = vp + b * vs0 + kh * vs1;
+      float mx = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t p = kpp[b * kps0 + s];
+        seen[s] = p >= 0 && (strict ? p < pos : p <= pos) && (window <= 0 || pos - p < window);
+        if (!seen[s]) continue;
+        score[s] = dot(qr, kb + s * ks2, D) * sc;
+        mx = std::max(mx, score[s]);
+      }
+      if (mx == -INFINITY) continue;
+      float* o = op + i * D;
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        if (!seen[s]) continue;
+        const float e = std::exp(score[s] - mx);
+        total += e;
+        const float* vr = vb + s * vs2;
+        const __m256 ev = _mm256_set1_ps(e);
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8)
+          _mm256_storeu_ps(o + d, _mm256_fmadd_ps(ev, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(o + d)));
+        for (; d < D; ++d) o[d] += e * vr[d];
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+    }
+  });
+  return out;
+}
 
 // x [M, K] float32; q [N, K] int8; scale/offset [N, K / block] float32 (offset may be empty).
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor offset,
@@ -218,4 +294,5 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_linear", &q8_linear, "x @ dequant(q)^T with block-scaled int8 weights");
   m.def("bf16_linear", &bf16_linear, "x @ w^T with bfloat16 weights, float32 math");
+  m.def("attention", &attention, "batch-invariant attention of a few query rows over a KV cache");
 }
