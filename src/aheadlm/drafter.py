@@ -74,7 +74,8 @@ class DrafterConfig:
         """A drafter shaped to read `target`'s cache: heads and head_dim follow the target; the
         last layer reads the full-attention K/V, earlier ones the sliding K/V when there is one."""
         n = kw.pop("num_layers", 2)
-        types = tuple(SLIDING if (i < n - 1 and SLIDING in target.layer_types) else FULL for i in range(n))
+        last = FULL if FULL in target.layer_types else SLIDING
+        types = tuple(SLIDING if (i < n - 1 and SLIDING in target.layer_types) else last for i in range(n))
         base = dict(
             target_hidden=target.hidden_size,
             hidden_size=target.hidden_size,

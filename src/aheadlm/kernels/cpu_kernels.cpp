@@ -252,6 +252,31 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   return out;
 }
 
+// RMSNorm over the last dimension: y = x / sqrt(mean(x^2) + eps) * w, one row at a time.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kFloat32, "rms_norm: float32 only");
+  x = x.contiguous();
+  const int64_t H = x.size(-1), rows = x.numel() / std::max<int64_t>(H, 1);
+  TORCH_CHECK(w.numel() == H, "rms_norm: weight size");
+  auto y = torch::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.contiguous().data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * H;
+      float* yr = yp + r * H;
+      const float inv = 1.f / std::sqrt(dot(xr, xr, H) / static_cast<float>(H) + static_cast<float>(eps));
+      const __m256 iv = _mm256_set1_ps(inv);
+      int64_t d = 0;
+      for (; d + 8 <= H; d += 8)
+        _mm256_storeu_ps(yr + d, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + d), iv), _mm256_loadu_ps(wp + d)));
+      for (; d < H; ++d) yr[d] = xr[d] * inv * wp[d];
+    }
+  });
+  return y;
+}
+
 // x [M, K] float32; q [N, K] int8; scale/offset [N, K / block] float32 (offset may be empty).
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor offset,
                         int64_t block) {
@@ -294,5 +319,6 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_linear", &q8_linear, "x @ dequant(q)^T with block-scaled int8 weights");
   m.def("bf16_linear", &bf16_linear, "x @ w^T with bfloat16 weights, float32 math");
+  m.def("rms_norm", &rms_norm, "row-wise RMSNorm (float32)");
   m.def("attention", &attention, "batch-invariant attention of a few query rows over a KV cache");
 }

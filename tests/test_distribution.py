@@ -1,0 +1,144 @@
+"""Speculative sampling preserves the target distribution exactly.
+
+A tiny random target with a 12-token vocabulary, and drafters that are wrong part of the time (a
+random MTP drafter sampling from its own distribution q, and a noisy oracle with point-mass q).
+The empirical distribution of the first three sampled tokens is compared with the exact one,
+computed from the target's processed probabilities. Per-token bounds are 4 standard errors; with
+N = 40,000 (slow suite) that is at most 0.01 absolute, so a 1% bias fails.
+"""
+
+import math
+
+import pytest
+import torch
+
+from aheadlm.drafter import DrafterConfig, MTPDrafter
+from aheadlm.engine import Engine
+from aheadlm.kv_cache import KVCache
+from aheadlm.proposers import Draft, MTPProposer, Proposer
+from aheadlm.sampling import SamplingParams, processed_probs
+from aheadlm.speculative import SpecConfig
+from aheadlm.verify import verify_sampled
+
+from helpers import ours_from_hf, tiny_hf
+
+V = 12
+PROMPT = [1, 2, 3]
+SETTINGS = {
+    "t1.0": SamplingParams(temperature=1.0),
+    "t0.7-topk-topp": SamplingParams(temperature=0.7, top_k=8, top_p=0.9),
+}
+
+
+@pytest.fixture(scope="module")
+def target():
+    hf = tiny_hf("gemma3", seed=3, vocab_size=V, num_hidden_layers=2, hidden_size=32, intermediate_size=32)
+    with torch.no_grad():
+        hf.model.embed_tokens.weight.mul_(4.0)  # peakier, more varied distributions than at init
+    return ours_from_hf(hf)
+
+
+def exact_joint(model, params) -> torch.Tensor:
+    """p(t1, t2, t3) [V, V, V] under plain sampling with `params`."""
+
+    def dist(seq):
+        with torch.no_grad():
+            lg, _ = model(torch.tensor([seq]), torch.arange(len(seq))[None], KVCache(model.config, 16), num_logits=1)
+        return processed_probs(lg[0], params)[0]
+
+    joint = torch.zeros(V, V, V, dtype=torch.float64)
+    p1 = dist(PROMPT)
+    for a in range(V):
+        if p1[a] == 0:
+            continue
+        p2 = dist(PROMPT + [a])
+        for b in range(V):
+            if p2[b] == 0:
+                continue
+            joint[a, b] = p1[a] * p2[b] * dist(PROMPT + [a, b]).double()
+    return joint
+
+
+class NoisyGreedy(Proposer):
+    """Point-mass drafts: the target's own argmax continuation, every third token wrong."""
+
+    name = "noisy"
+
+    def propose(self, state, k, params, generator):
+        seq, out = list(state.tokens), []
+        for i in range(k):
+            with torch.no_grad():
+                lg, _ = state.target(
+                    torch.tensor([seq]), torch.arange(len(seq))[None], KVCache(state.target.config, 16), num_logits=1
+                )
+            t = int(lg[0, -1].argmax())
+            t = (t + 1) % V if (len(seq) + i) % 3 == 0 else t
+            out.append(t)
+            seq.append(t)
+        return Draft(out)
+
+
+def drafters(target):
+    cfg = DrafterConfig.for_target(target.config, hidden_size=16, intermediate_size=16, num_layers=1)
+    mtp = MTPDrafter(cfg).init_weights(0.3, torch.Generator().manual_seed(1)).eval()
+    return {"mtp": MTPProposer(mtp), "point-mass": NoisyGreedy()}
+
+
+def check(target, proposer, params, n):
+    exact = exact_joint(target, params)
+    engine = Engine(target, proposer=proposer, spec=SpecConfig(num_draft=2))
+    counts = torch.zeros(V, V, V, dtype=torch.float64)
+    for seed in range(n):
+        p = SamplingParams(params.temperature, params.top_k, params.top_p, seed=seed)
+        toks = [t for s in engine.generate(PROMPT, p, max_tokens=3) for t in s.token_ids]
+        counts[tuple(toks)] += 1
+    emp = counts / n
+    for dims in ((1, 2), (0, 2), (0, 1)):  # marginals of t1, t2, t3
+        e, x = emp.sum(dims), exact.sum(dims)
+        sigma = (x * (1 - x) / n).sqrt().clamp_min(1.0 / n)
+        z = ((e - x).abs() / sigma).max().item()
+        assert z < 4.0, (dims, z, (e - x).abs().max().item())
+    # joint of (t1, t2): chi-square over cells expecting >= 5 samples (the rest merged)
+    e, x = counts.sum(2).flatten(), exact.sum(2).flatten() * n
+    big = x >= 5
+    obs = torch.cat([e[big], e[~big].sum()[None]])
+    exp = torch.cat([x[big], x[~big].sum()[None]])
+    keep = exp > 0
+    chi2 = (((obs - exp) ** 2)[keep] / exp[keep]).sum().item()
+    dof = int(keep.sum()) - 1
+    assert chi2 < dof + 5 * math.sqrt(2 * dof), (chi2, dof)
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_speculative_sampling_distribution(target, setting):
+    for proposer in drafters(target).values():
+        check(target, proposer, SETTINGS[setting], n=3000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_speculative_sampling_distribution_40k(target, setting):
+    for proposer in drafters(target).values():
+        check(target, proposer, SETTINGS[setting], n=40000)
+
+
+@pytest.mark.parametrize("with_q", [False, True])
+def test_verify_sampled_exact(with_q):
+    """The rejection sampler alone, 50,000 trials: accepted/bonus output ~ p exactly."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(2, 6, generator=g) * 2, -1)
+    q = torch.softmax(torch.randn(1, 6, generator=g) * 2, -1)
+    n = 50_000
+    counts = torch.zeros(6)
+    draws = torch.multinomial(q[0], n, replacement=True, generator=g) if with_q else None
+    for i in range(n):
+        d = int(draws[i]) if with_q else 2  # point mass on token 2
+        acc, bonus = verify_sampled(p, [d], q if with_q else None, g)
+        counts[d if acc == 1 else bonus] += 1
+    sigma = (p[0] * (1 - p[0]) / n).sqrt()
+    assert ((counts / n - p[0]).abs() / sigma).max() < 4.0
+
+
+def test_exact_joint_sums_to_one(target):
+    for params in SETTINGS.values():
+        assert abs(exact_joint(target, params).sum().item() - 1) < 1e-6
