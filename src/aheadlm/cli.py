@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import AheadlmError
 
@@ -17,6 +18,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--n-ctx", type=int, default=None, help="context size (default: the model's)")
+
+
+def _add_draft_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--drafter",
+        "-d",
+        default=None,
+        help="none | ngram | mtp | draft:MODEL | a drafter folder (default: the model's shipped MTP drafter)",
+    )
+    p.add_argument("--draft-tokens", "-k", type=int, default=4, help="most draft tokens per round")
+    p.add_argument("--adaptive", action="store_true", help="choose k per round for the best measured speed")
+    p.add_argument("--threshold", type=float, default=0.0, help="end a round when draft confidence drops below")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -46,7 +59,16 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
 def _load(a: argparse.Namespace):
     from .api import load
 
-    return load(a.model, dtype=a.dtype, device=a.device, n_ctx=a.n_ctx)
+    return load(
+        a.model,
+        drafter=a.drafter,
+        draft_tokens=a.draft_tokens,
+        adaptive=a.adaptive,
+        threshold=a.threshold,
+        dtype=a.dtype,
+        device=a.device,
+        n_ctx=a.n_ctx,
+    )
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -142,6 +164,19 @@ def cmd_models(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import plot, print_table, run_bench
+
+    result = run_bench(a)
+    print_table(result)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    if a.plot:
+        plot(result, a.plot)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aheadlm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="complete a prompt (streams to stdout)")
     g.add_argument("prompt", help="prompt text, or - to read stdin")
     _add_model_args(g)
+    _add_draft_args(g)
     _add_sampling_args(g)
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user chat message")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
@@ -157,9 +193,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("chat", help="interactive streaming chat")
     _add_model_args(c)
+    _add_draft_args(c)
     _add_sampling_args(c)
     c.add_argument("--system", default=None, help="system message")
     c.set_defaults(func=cmd_chat)
+
+    b = sub.add_parser("bench", help="speed and acceptance of decoding methods on a prompt set")
+    b.add_argument("--model", "-m", default="gemma3-270m")
+    b.add_argument("--prompts", required=True, help="Spec-Bench jsonl or a text file with one prompt per line")
+    b.add_argument("--category", default=None)
+    b.add_argument("--limit", type=int, default=None, help="at most N prompts per category")
+    b.add_argument("--methods", default="none,mtp,ngram", help="comma list: none, mtp, ngram, draft:MODEL, folder")
+    b.add_argument("--max-tokens", type=int, default=256)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--draft-tokens", default="4", help="k, or a comma list to sweep (e.g. 2,4,6)")
+    b.add_argument("--adaptive", action="store_true", help="also run each method with adaptive k")
+    b.add_argument("--threshold", type=float, default=0.0)
+    b.add_argument("--dtype", default=None)
+    b.add_argument("--device", default=None)
+    b.add_argument("--json", default=None, help="write results here")
+    b.add_argument("--plot", default=None, help="write a PNG: speedup per category, acceptance by position")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("models", help="list registered and installed models")
     m.add_argument("--json", action="store_true")
