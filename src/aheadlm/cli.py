@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 
+    from .train import cli as train_cli
+
+    t = sub.add_parser("train-drafter", help="train an MTP drafter by self-distillation")
+    train_cli.add_arguments(t)
+    t.set_defaults(func=train_cli.run)
+
     m = sub.add_parser("models", help="list registered and installed models")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)

@@ -210,15 +210,20 @@ class MTPDrafter(nn.Module):
             kv[t] = (k, v, view)
         return RoundContext(rope, kv)
 
-    def step(self, target, tokens: torch.Tensor, hidden: torch.Tensor, ctx: RoundContext):
-        """tokens [B], hidden [B, H_target] -> (head input [B, H_head], next hidden [B, H_target])."""
-        e = target.embed_tokens(tokens[:, None]).to(hidden.dtype)
-        x = self.pre_projection(torch.cat([e, hidden[:, None]], dim=-1))
+    def forward(self, emb: torch.Tensor, hidden: torch.Tensor, ctx: RoundContext):
+        """One draft step for every query row: emb, hidden [B, T, H_target] (scaled target
+        embeddings of the input tokens, incoming hidden states) -> (head input, next hidden)."""
+        x = self.pre_projection(torch.cat([emb, hidden], dim=-1))
         for layer in self.layers:
             x = layer(x, ctx)
         hd = self.norm(x)
         h_next = self.post_projection(hd)
-        head_in = hd if self.config.head == "own" else h_next
+        return (hd if self.config.head == "own" else h_next), h_next
+
+    def step(self, target, tokens: torch.Tensor, hidden: torch.Tensor, ctx: RoundContext):
+        """tokens [B], hidden [B, H_target] -> (head input [B, H_head], next hidden [B, H_target])."""
+        emb = target.embed_tokens(tokens[:, None]).to(hidden.dtype)
+        head_in, h_next = self(emb, hidden[:, None], ctx)
         return head_in[:, 0], h_next[:, 0]
 
     def logits(self, target, head_in: torch.Tensor) -> torch.Tensor:

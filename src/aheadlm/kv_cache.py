@@ -1,10 +1,13 @@
 """The KV cache: an explicit, preallocated object passed to the model (and read by the MTP drafter).
 
-Each layer stores K and V as `[B, kv_heads, S, head_dim]`. Full-attention layers have one slot per
-position (`S = max_len`). Sliding-window layers keep a ring of `window + max_step` slots
-(slot = position % S). Every layer type ("group") keeps `pos[B, S]`, the position held by each slot
-(-1 = empty), so masks come from positions alone, and rolling back is forgetting positions: a ring
-still holds the whole window after a rollback of up to `max_step` tokens.
+Each layer stores K and V as `[B, kv_heads, S + 1, head_dim]`. Full-attention layers have one slot
+per position (`S = max_len`). Sliding-window layers keep a ring of `window + max_step` slots
+(slot = position % S). Every layer type ("group") keeps `pos[B, S + 1]`, the position held by each
+slot (-1 = empty), so masks come from positions alone, and rolling back is forgetting positions: a
+ring still holds the whole window after a rollback of up to `max_step` tokens.
+
+Rows of a batch advance independently. A position of -1 in a forward marks padding: its K/V go to
+the scratch slot S, which no query ever sees.
 """
 
 from __future__ import annotations
@@ -77,9 +80,9 @@ class KVCache:
             window = config.sliding_window if t == SLIDING else None
             ring = window is not None and window + max_step < max_len
             size = window + max_step if ring else max_len
-            pos = torch.full((batch_size, size), -1, dtype=torch.long, device=device)
+            pos = torch.full((batch_size, size + 1), -1, dtype=torch.long, device=device)
             self.groups[t] = Group(size, ring, window, pos)
-        shape = lambda t: (batch_size, config.num_kv_heads, self.groups[t].size, config.head_dim)  # noqa: E731
+        shape = lambda t: (batch_size, config.num_kv_heads, self.groups[t].size + 1, config.head_dim)  # noqa: E731
         self.k = [torch.zeros(shape(t), dtype=dtype, device=device) for t in config.layer_types]
         self.v = [torch.zeros(shape(t), dtype=dtype, device=device) for t in config.layer_types]
 
@@ -93,24 +96,31 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def prepare(self, positions: torch.Tensor) -> dict[str, AttnView]:
-        """Reserve slots for new tokens at `positions` [B, T] (consecutive, starting at each row's
-        length) and build the attention views. Called once per forward, before the layers run."""
+        """Reserve slots for new tokens at `positions` [B, T] (each row's valid positions consecutive
+        from its current length; -1 = padding) and build the attention views. Called once per
+        forward, before the layers run."""
         B, T = positions.shape
-        last = positions[:, -1].tolist()
-        first = positions[:, 0].tolist()
-        if max(last) >= self.max_len:
-            raise ContextLengthError(f"position {max(last)} is past the KV cache size {self.max_len}")
+        rows = positions.tolist()
+        padded = False
+        for b, row in enumerate(rows):
+            valid = [p for p in row if p >= 0]
+            padded |= len(valid) != T
+            if not valid:
+                continue
+            if valid[0] != self.lengths[b] or valid[-1] != valid[0] + len(valid) - 1:
+                raise ValueError(f"row {b}: new tokens must continue at position {self.lengths[b]}")
+            if valid[-1] >= self.max_len:
+                raise ContextLengthError(f"position {valid[-1]} is past the KV cache size {self.max_len}")
+            self.lengths[b] = valid[-1] + 1
+            self._max_written[b] = max(self._max_written[b], valid[-1])
         if T > self.max_step and any(g.ring for g in self.groups.values()):
             raise ValueError(f"a forward may add at most {self.max_step} tokens (got {T})")
-        for b in range(B):
-            if first[b] != self.lengths[b]:
-                raise ValueError(f"row {b}: new tokens start at {first[b]}, cache holds {self.lengths[b]}")
-            self.lengths[b] = last[b] + 1
-            self._max_written[b] = max(self._max_written[b], last[b])
         views = {}
         for name, g in self.groups.items():
-            slots = positions % g.size if g.ring else positions
-            g.pos.scatter_(1, slots, positions)
+            slots = positions % g.size if g.ring else positions.clamp_min(0)
+            if padded:
+                slots = torch.where(positions >= 0, slots, g.size)
+            g.pos.scatter_(1, slots, positions.clamp_min(-1))
             end = g.size if g.ring else max(self.lengths)
             end = min(end, max(self._max_written) + 1)
             views[name] = AttnView(slots, end, positions, g.pos[:, :end], g.window)
@@ -126,10 +136,10 @@ class KVCache:
         """Store new `k`, `v` [B, kv_heads, T, head_dim] and return the readable K/V slices."""
         ck, cv = self.k[layer], self.v[layer]
         B, _, T, _ = k.shape
-        if B == 1:
+        if B == 1 and view.slots.shape[1] == T:
             s = view.slots[0]
             start = int(s[0])
-            if int(s[-1]) == start + T - 1:  # contiguous: plain slice copy
+            if int(s[-1]) == start + T - 1 and start + T <= ck.shape[2] - 1:  # contiguous: slice copy
                 ck[:, :, start : start + T] = k
                 cv[:, :, start : start + T] = v
             else:

@@ -52,7 +52,8 @@ def attend(q, k, v, view: AttnView, scale: float) -> torch.Tensor:
     Few float32 rows on CPU (decode, verification, drafting) go to the compiled kernel, which
     computes every row on its own; the rest to SDPA with queries sharing a KV head stacked."""
     B, Hq, T, D = q.shape
-    kernels = cpu_kernels() if q.device.type == "cpu" and q.dtype == torch.float32 and T <= 64 else None
+    fast = q.device.type == "cpu" and q.dtype == torch.float32 and T <= 64 and not torch.is_grad_enabled()
+    kernels = cpu_kernels() if fast else None
     if kernels is not None:
         return kernels.attention(q, k, v, view.kpos, view.qpos, scale, view.window or 0, view.strict)
     Hkv = k.shape[1]

