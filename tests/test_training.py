@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from helpers import ours_from_hf, tiny_hf
 
 from aheadlm.drafter import DrafterConfig, MTPDrafter, load_drafter, save_drafter
 from aheadlm.engine import Engine
@@ -17,6 +16,8 @@ from aheadlm.speculative import SpecConfig
 from aheadlm.train.clusters import balanced_clusters
 from aheadlm.train.distill import load_shard, write_shards
 from aheadlm.train.trainer import Tables, TrainConfig, latest_checkpoint, sequence_loss, train
+
+from helpers import ours_from_hf, tiny_hf
 
 
 @pytest.fixture(scope="module")

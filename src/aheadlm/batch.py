@@ -49,7 +49,11 @@ def generate_batch(
     longest = max(len(p) for p in prompts) + max_tokens
     capture = capture_layers is not None
     cache = KVCache(
-        model.config, longest, batch_size=B, dtype=model.embed_dtype(), device=device,
+        model.config,
+        longest,
+        batch_size=B,
+        dtype=model.embed_dtype(),
+        device=device,
         max_step=longest if capture else chunk,
     )
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -58,19 +62,21 @@ def generate_batch(
     last_logits: list[torch.Tensor | None] = [None] * B
 
     # Prefill in chunks; padding where a prompt has ended.
-    for start in range(0, max(len(p) for p in prompts), chunk):
-        toks = torch.zeros(B, chunk, dtype=torch.long)
-        pos = torch.full((B, chunk), -1, dtype=torch.long)
+    longest_prompt = max(len(p) for p in prompts)
+    for start in range(0, longest_prompt, chunk):
+        width = min(chunk, longest_prompt - start)
+        toks = torch.zeros(B, width, dtype=torch.long)
+        pos = torch.full((B, width), -1, dtype=torch.long)
         for b, p in enumerate(prompts):
-            piece = p[start : start + chunk]
+            piece = p[start : start + width]
             toks[b, : len(piece)] = torch.tensor(piece, dtype=torch.long)
             pos[b, : len(piece)] = torch.arange(start, start + len(piece))
         _, hidden = model(toks.to(device), pos.to(device), cache, num_logits=0)
         for b, p in enumerate(prompts):
-            n = max(0, min(chunk, len(p) - start))
+            n = max(0, min(width, len(p) - start))
             if n:
                 hiddens[b].append(hidden[b, :n].float())
-            if start <= len(p) - 1 < start + chunk:
+            if start <= len(p) - 1 < start + width:
                 last_logits[b] = model.logits(hidden[b : b + 1, len(p) - 1 - start][None])[0, 0]
 
     logits = torch.stack(last_logits)  # [B, V]

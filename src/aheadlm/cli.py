@@ -217,7 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=cmd_bench)
 
+    from .server import cli as server_cli
     from .train import cli as train_cli
+
+    sv = sub.add_parser("serve", help="OpenAI- and Ollama-compatible HTTP server")
+    server_cli.add_arguments(sv)
+    sv.set_defaults(func=server_cli.run)
 
     t = sub.add_parser("train-drafter", help="train an MTP drafter by self-distillation")
     train_cli.add_arguments(t)

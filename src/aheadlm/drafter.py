@@ -226,19 +226,26 @@ class MTPDrafter(nn.Module):
         head_in, h_next = self(emb, hidden[:, None], ctx)
         return head_in[:, 0], h_next[:, 0]
 
-    def logits(self, target, head_in: torch.Tensor) -> torch.Tensor:
-        """Dense scores over the vocabulary [B, V] (clustered heads: -inf outside kept clusters)."""
+    def scores(self, target, head_in: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Scores for one draft row head_in [H_head] -> (token ids [n] or None for all, scores [n])."""
         if self.centroids is None:
-            return self._dense(target, head_in)
-        ids = self.candidates(head_in)  # [B, n]
-        scores = self.score_rows(target, head_in, ids)
-        out = torch.full((head_in.shape[0], self.config.vocab_size), float("-inf"), dtype=scores.dtype)
-        return out.scatter(-1, ids, scores)
-
-    def _dense(self, target, head_in):
+            if self.embed is not None:
+                return None, (self.embed.to(head_in.dtype) @ head_in).float()
+            return None, target.logits(head_in[None, None].to(target.embed_dtype()))[0, 0].float()
+        ids = self.candidates(head_in[None])[0]
         if self.embed is not None:
-            return F.linear(head_in, self.embed.to(head_in.dtype))
-        return target.logits(head_in[:, None].to(target.embed_dtype()))[:, 0].float()
+            return ids, (self.embed[ids].to(head_in.dtype) @ head_in).float()
+        return ids, target.head_scores(head_in, ids)
+
+    def logits(self, target, head_in: torch.Tensor) -> torch.Tensor:
+        """Dense scores [B, V] (clustered heads: -inf outside the kept clusters)."""
+        rows = []
+        for h in head_in:
+            ids, s = self.scores(target, h)
+            if ids is not None:
+                s = torch.full((self.config.vocab_size,), float("-inf")).scatter(0, ids, s)
+            rows.append(s)
+        return torch.stack(rows)
 
     def candidates(self, head_in: torch.Tensor) -> torch.Tensor:
         """Token ids of the top `centroid_top_k` clusters [B, k * cluster_size]."""
@@ -246,13 +253,6 @@ class MTPDrafter(nn.Module):
         top = self.centroids(head_in.to(self.centroids.weight.dtype)).topk(c.centroid_top_k, dim=-1).indices
         per = self.token_ordering.view(c.num_centroids, -1)
         return per[top].flatten(1)
-
-    def score_rows(self, target, head_in: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Scores of the tokens `ids` [B, n] only -> [B, n] float32."""
-        rows = self.embed[ids] if self.embed is not None else target.head_rows(ids)
-        s = torch.einsum("bh,bnh->bn", head_in, rows.to(head_in.dtype)).float()
-        cap = target.config.final_logit_softcap if self.embed is None else None
-        return torch.tanh(s / cap) * cap if cap else s
 
 
 def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu") -> MTPDrafter:
@@ -277,7 +277,20 @@ def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu"
     if missing:
         raise WeightsError(f"{d}: drafter weights lack {sorted(missing)[:3]}")
     drafter.load_state_dict(state, assign=True, strict=True)
+    if str(device) == "cpu":
+        pack_linears(drafter)
     return drafter.eval()
+
+
+def pack_linears(module: nn.Module) -> None:
+    """Run the drafter's projections through the bf16 CPU kernel (its weights ship in bf16, so
+    this changes no value, only the speed of one-row products)."""
+    from .packed import PackedLinear, packable
+
+    for name, child in list(module.named_modules()):
+        if type(child) is nn.Linear and child.bias is None and packable(child.weight.to(torch.bfloat16)):
+            parent, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, attr, PackedLinear(child.weight.bfloat16()))
 
 
 def save_drafter(drafter: MTPDrafter, directory: str | Path, record: dict | None = None) -> None:

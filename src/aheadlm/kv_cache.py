@@ -174,6 +174,23 @@ class KVCache:
             p.masked_fill_(p >= length, -1)
         self.lengths[row] = length
 
+    def copy_row_from(self, src: KVCache, src_row: int, row: int) -> None:
+        """Make row `row` hold what row `src_row` of `src` holds (same config and slot layout)."""
+        n = src.lengths[src_row]
+        for name, g in self.groups.items():
+            sg = src.groups[name]
+            if (sg.size, sg.ring) != (g.size, g.ring):
+                raise ValueError("caches have different slot layouts")
+            used = g.size if g.ring else n
+            g.pos[row].fill_(-1)
+            g.pos[row, :used] = sg.pos[src_row, :used]
+        for layer, t in enumerate(self.config.layer_types):
+            used = self.groups[t].size if self.groups[t].ring else n
+            self.k[layer][row, :, :used] = src.k[layer][src_row, :, :used]
+            self.v[layer][row, :, :used] = src.v[layer][src_row, :, :used]
+        self.lengths[row] = n
+        self._max_written[row] = src._max_written[src_row]
+
     def reset(self, row: int | None = None) -> None:
         rows = range(self.batch_size) if row is None else [row]
         for r in rows:

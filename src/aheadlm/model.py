@@ -195,6 +195,14 @@ class Transformer(nn.Module):
         """Activation dtype (packed weights compute in float32)."""
         return self.norm.weight.dtype
 
+    def head_scores(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of tokens `ids` [n] only, for one post-norm state h [H] -> [n] float32."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        rows_linear = getattr(head, "rows_linear", None)
+        out = rows_linear(h, ids) if rows_linear else head.weight[ids].float() @ h.float()
+        cap = self.config.final_logit_softcap
+        return torch.tanh(out / cap) * cap if cap else out
+
     def head_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the output head's weight (a clustered draft head scores only these)."""
         if self.lm_head is None:

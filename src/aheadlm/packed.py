@@ -83,6 +83,15 @@ class PackedLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return self.qtensor().dequantize() if self.block else self.w16.float()
 
+    def rows_linear(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [H] @ W[ids]^T -> [n]: scores against a subset of rows (a clustered draft head)."""
+        if self.block:
+            off = self.offset[ids] if self.offset.numel() else self.offset
+            y = self.kernels.q8_linear(x.float()[None], self.q[ids], self.scale[ids], off, self.block)
+        else:
+            y = self.kernels.bf16_linear(x.float()[None], self.w16[ids])
+        return y[0] if self.bias is None else y[0] + self.bias[ids]
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 weight rows `ids` (any shape of indices)."""
         return self.qtensor().dequantize(ids) if self.block else self.w16[ids].float()
@@ -118,6 +127,9 @@ class PackedEmbedding(nn.Module):
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:
         return self.table(h)
+
+    def rows_linear(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.rows_linear(x, ids)
 
 
 def packable(weight: torch.Tensor | QTensor) -> bool:

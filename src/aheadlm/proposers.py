@@ -59,6 +59,19 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     return tok, q, float(q.max())
 
 
+def choose_draft(drafter: MTPDrafter, target: Transformer, head_in: torch.Tensor, params, generator):
+    """The drafter's token for one row (head_in [H]) -> (token, processed q or None, confidence).
+    Greedy drafts look only at the candidates; sampling needs q over the whole vocabulary."""
+    ids, scores = drafter.scores(target, head_in)
+    if params.greedy:
+        probs = torch.softmax(scores, -1)
+        best = int(probs.argmax())
+        return (best if ids is None else int(ids[best])), None, float(probs[best])
+    if ids is not None:
+        scores = torch.full((drafter.config.vocab_size,), float("-inf")).scatter(0, ids, scores)
+    return _choose(scores, params, generator)
+
+
 class MTPProposer(Proposer):
     """Drafts with an MTP drafter: the query position stays at the last token's position, the
     drafter reads the target's K/V in place, and no draft token enters any cache."""
@@ -82,7 +95,17 @@ class MTPProposer(Proposer):
         tokens, qs = [], []
         for _ in range(k):
             head_in, h = d.step(target, tok, h, ctx)
-            choice, q, conf = _choose(d.logits(target, head_in)[0], params, generator)
+            ids, scores = d.scores(target, head_in[0])
+            if params.greedy:
+                # Greedy drafts need only the best candidate: no full-vocabulary tensor.
+                probs = torch.softmax(scores, -1)
+                best = int(probs.argmax())
+                choice, q, conf = (best if ids is None else int(ids[best])), None, float(probs[best])
+            else:
+                full = (
+                    scores if ids is None else torch.full((d.config.vocab_size,), float("-inf")).scatter(0, ids, scores)
+                )
+                choice, q, conf = _choose(full, params, generator)
             if conf < self.threshold and tokens:
                 break
             tokens.append(choice)

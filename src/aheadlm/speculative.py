@@ -89,6 +89,23 @@ def _penalized(logits: torch.Tensor, history: list[int], drafts: list[int], pena
     return torch.cat(rows)
 
 
+def judge(
+    logits: torch.Tensor,
+    drafts: list[int],
+    draft_probs: torch.Tensor | None,
+    params: SamplingParams,
+    generator: torch.Generator,
+    history: list[int],
+) -> tuple[int, int]:
+    """Verify one row: target logits [len(drafts) + 1, V] over `[last token, drafts]` -> (accepted,
+    bonus). Penalties see history + the drafts before each position."""
+    rows = _penalized(logits, history, drafts, params.repetition_penalty or 1.0)
+    if params.greedy:
+        return verify_greedy(rows, drafts)
+    q = None if draft_probs is None else draft_probs[: len(drafts)]
+    return verify_sampled(processed_probs(rows, params), drafts, q, generator)
+
+
 @torch.inference_mode()
 def generate(
     engine,
@@ -157,12 +174,7 @@ def generate(
         out_logits, out_hidden = model(x, pos, cache)
         stats.target_s += time.perf_counter() - tt
         stats.target_forwards += 1
-        rows = _penalized(out_logits[0], tokens, drafts, penalty)
-        if params.greedy:
-            accepted, bonus = verify_greedy(rows, drafts)
-        else:
-            q = None if draft.probs is None else draft.probs[: len(drafts)]
-            accepted, bonus = verify_sampled(processed_probs(rows, params), drafts, q, generator)
+        accepted, bonus = judge(out_logits[0], drafts, draft.probs, params, generator, tokens)
 
         # Roll back to [.., last token, accepted drafts]; the bonus is the new unprocessed token.
         cache.trim(n + accepted)

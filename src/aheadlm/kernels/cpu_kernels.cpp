@@ -134,35 +134,42 @@ void gemm_small(const W& w, const float* x, int64_t M, int64_t K, int64_t N, flo
   });
 }
 
-// M > 36 (prefill chunks): widen two weight rows into a float32 buffer, then sweep all rows of x.
+// M > 36 (prefill chunks): rows of x in blocks that stay in L2; per block, each pair of weight rows
+// is widened once into an L1 buffer and swept by every row of the block.
 template <typename W>
 void gemm_large(const W& w, const float* x, int64_t M, int64_t K, int64_t N, float* y) {
   const int64_t grain = std::max<int64_t>(1, 4096 / K);
-  at::parallel_for(0, (N + 1) / 2, grain, [&](int64_t p0, int64_t p1) {
-    std::vector<float> buf(2 * K);
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n = 2 * p;
-      const int nr = n + 1 < N ? 2 : 1;
-      for (int r = 0; r < nr; ++r)
-        for (int64_t b = 0; b < K / W::kBlock; ++b) {
-          const auto s = w.scale(n + r, b);
-          for (int j = 0; j < W::kBlock; j += 8) {
-            const int64_t k = b * W::kBlock + j;
-            _mm256_storeu_ps(buf.data() + r * K + k, w.load(n + r, k, s));
+  const int64_t mb = std::max<int64_t>(8, std::min<int64_t>(128, (128 * 1024) / (4 * K)));
+  for (int64_t m0 = 0; m0 < M; m0 += mb) {
+    const int64_t mr = std::min(mb, M - m0);
+    const float* xb = x + m0 * K;
+    float* yb = y + m0 * N;
+    at::parallel_for(0, (N + 1) / 2, grain, [&](int64_t p0, int64_t p1) {
+      std::vector<float> buf(2 * K);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n = 2 * p;
+        const int nr = n + 1 < N ? 2 : 1;
+        for (int r = 0; r < nr; ++r)
+          for (int64_t b = 0; b < K / W::kBlock; ++b) {
+            const auto s = w.scale(n + r, b);
+            for (int j = 0; j < W::kBlock; j += 8) {
+              const int64_t k = b * W::kBlock + j;
+              _mm256_storeu_ps(buf.data() + r * K + k, w.load(n + r, k, s));
+            }
           }
+        const F32Rows f{buf.data(), K};
+        int64_t m = 0;
+        for (; m + 4 <= mr; m += 4) {
+          if (nr == 2) tile<4, 2>(f, xb + m * K, K, 0, yb + m * N + n, N);
+          else tile<4, 1>(f, xb + m * K, K, 0, yb + m * N + n, N);
         }
-      const F32Rows f{buf.data(), K};
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) {
-        if (nr == 2) tile<4, 2>(f, x + m * K, K, 0, y + m * N + n, N);
-        else tile<4, 1>(f, x + m * K, K, 0, y + m * N + n, N);
+        for (; m < mr; ++m) {
+          if (nr == 2) tile<1, 2>(f, xb + m * K, K, 0, yb + m * N + n, N);
+          else tile<1, 1>(f, xb + m * K, K, 0, yb + m * N + n, N);
+        }
       }
-      for (; m < M; ++m) {
-        if (nr == 2) tile<1, 2>(f, x + m * K, K, 0, y + m * N + n, N);
-        else tile<1, 1>(f, x + m * K, K, 0, y + m * N + n, N);
-      }
-    }
-  });
+    });
+  }
 }
 
 // Up to 36 rows: even chunks of at most 6 rows, each reading the weights once (cheaper than the
@@ -214,7 +221,9 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), kps0 = kpos.stride(0);
   const float sc = static_cast<float>(scale);
-  at::parallel_for(0, B * Hq * T, 1, [&](int64_t i0, int64_t i1) {
+  // Small problems stay on one thread: waking a second one costs more than the work.
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(S * D, 1));
+  at::parallel_for(0, B * Hq * T, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> score(S);
     std::vector<char> seen(S);
     for (int64_t i = i0; i < i1; ++i) {

@@ -1,6 +1,6 @@
 """`aheadlm train-drafter`: self-distillation data, then drafter training, then a drafter folder.
 
-    aheadlm train-drafter --model gemma3-270m --out runs/gemma3-drafter --tokens 200000 --steps 2000
+aheadlm train-drafter --model gemma3-270m --out runs/gemma3-drafter --tokens 200000 --steps 2000
 """
 
 from __future__ import annotations
@@ -95,8 +95,13 @@ def run(a) -> int:
     data_dir = Path(a.data_dir) if a.data_dir else out / "data"
     t0 = time.time()
     paths = write_shards(
-        target, prompts, data_dir, max_new_tokens=a.max_new_tokens, batch_size=a.gen_batch,
-        stop_ids=llm.tokenizer.stop_ids, seed=a.seed,
+        target,
+        prompts,
+        data_dir,
+        max_new_tokens=a.max_new_tokens,
+        batch_size=a.gen_batch,
+        stop_ids=llm.tokenizer.stop_ids,
+        seed=a.seed,
     )
     gen_seconds = time.time() - t0
     sequences = [s for p in paths for s in load_shard(p)]
@@ -105,8 +110,13 @@ def run(a) -> int:
 
     # 3. drafter
     dcfg = DrafterConfig.for_target(
-        tcfg, hidden_size=a.hidden, intermediate_size=a.intermediate, num_layers=a.layers,
-        num_heads=tcfg.num_heads, num_centroids=a.centroids, centroid_top_k=a.centroid_top_k,
+        tcfg,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_layers=a.layers,
+        num_heads=tcfg.num_heads,
+        num_centroids=a.centroids,
+        centroid_top_k=a.centroid_top_k,
     )
     drafter = MTPDrafter(dcfg).init_weights(0.02, torch.Generator().manual_seed(a.seed))
     tables = Tables.from_model(target)
@@ -125,8 +135,14 @@ def run(a) -> int:
     drafter.train()
 
     cfg = TrainConfig(
-        steps=a.steps, lr=a.lr, depth=a.draft_depth, seqs_per_step=a.seqs_per_step, max_anchors=a.max_anchors,
-        checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, seed=a.seed,
+        steps=a.steps,
+        lr=a.lr,
+        depth=a.draft_depth,
+        seqs_per_step=a.seqs_per_step,
+        max_anchors=a.max_anchors,
+        checkpoint_every=a.checkpoint_every,
+        eval_every=a.eval_every,
+        seed=a.seed,
     )
     evaluate = make_evaluator(llm, val)
     state = train(drafter, tables, sequences, cfg, out, resume=a.resume, evaluate=evaluate)

@@ -70,8 +70,13 @@ def write_shards(
             batch = chunk[i : i + batch_size]
             temps = [TEMPERATURES[(s * per_shard + i + j) % len(TEMPERATURES)] for j in range(len(batch))]
             rows = generate_batch(
-                model, batch, max_tokens=max_new_tokens, temperatures=temps, stop_ids=stop_ids,
-                seed=seed + s * 1000 + i, capture_layers=tuple(layers.values()),
+                model,
+                batch,
+                max_tokens=max_new_tokens,
+                temperatures=temps,
+                stop_ids=stop_ids,
+                seed=seed + s * 1000 + i,
+                capture_layers=tuple(layers.values()),
             )
             for r in rows:
                 toks = torch.tensor(r.prompt + r.tokens, dtype=torch.long)

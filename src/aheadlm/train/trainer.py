@@ -199,7 +199,9 @@ def load_checkpoint(ck: Path, drafter: MTPDrafter, opt: torch.optim.Optimizer) -
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         return json.loads((ck / "state.json").read_text())
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"checkpoint {ck} is corrupt ({type(e).__name__}: {e}); delete it to resume from the previous one") from None
+        raise WeightsError(
+            f"checkpoint {ck} is corrupt ({type(e).__name__}: {e}); delete it to resume from the previous one"
+        ) from None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -1,0 +1,1 @@
+"""HTTP serving: OpenAI and Ollama APIs over a continuous-batching speculative engine."""

@@ -1,0 +1,495 @@
+"""OpenAI- and Ollama-compatible HTTP API over the batching scheduler (FastAPI).
+
+aheadlm serve --model gemma3-270m --port 8000
+curl localhost:8000/v1/chat/completions -d '{"model": "gemma3-270m", "messages": [...]}'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..api import LLM, _StopMatcher
+from ..errors import AheadlmError, ContextLengthError
+from ..sampling import SamplingParams
+from ..tokenizer import TextStream
+from .batching import Request as EngineRequest
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    OllamaChat,
+    OllamaGenerate,
+    OllamaOptions,
+    OllamaShow,
+)
+from .scheduler import QueueFull, Scheduler
+
+
+@dataclass
+class ServerState:
+    llm: LLM
+    scheduler: Scheduler
+    name: str
+    n_ctx: int
+    api_key: str | None = None
+    timeout: float = 600.0
+    max_body: int = 4 * 2**20
+    default_max_tokens: int = 512
+    file_size: int = 0
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies over the limit (declared or streamed)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await _send_json(send, 413, APIError(413, f"request body over {self.limit} bytes").body())
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise APIError(413, f"request body over {self.limit} bytes")
+            return msg
+
+        return await self.app(scope, limited, send)
+
+
+async def _send_json(send, status: int, body: dict) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="aheadlm", version="0.1.0")
+    app.state.s = state
+    app.add_middleware(BodyLimit, limit=state.max_body)
+    tok = state.llm.tokenizer
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        path = request.url.path
+        if state.api_key and path not in ("/health", "/metrics"):
+            auth = request.headers.get("authorization", "")
+            if auth != f"Bearer {state.api_key}":
+                resp = JSONResponse(APIError(401, "invalid or missing API key", "invalid_api_key").body(), 401)
+                state.scheduler.metrics.requests[(path, 401)] += 1
+                return resp
+        try:
+            resp = await call_next(request)
+        except APIError as e:
+            resp = JSONResponse(e.body(), e.status)
+        state.scheduler.metrics.requests[(path, resp.status_code)] += 1
+        return resp
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            msg, loc = "request body is not valid JSON", ""
+        return JSONResponse(APIError(400, f"{loc}: {msg}" if loc else msg, "invalid_request", loc or None).body(), 400)
+
+    @app.exception_handler(APIError)
+    async def _api(request: Request, exc: APIError):
+        return JSONResponse(exc.body(), exc.status)
+
+    @app.exception_handler(AheadlmError)
+    async def _aheadlm(request: Request, exc: AheadlmError):
+        code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else "invalid_request"
+        return JSONResponse(APIError(400, str(exc), code).body(), 400)
+
+    def check_model(name: str) -> None:
+        base = name[: -len(":latest")] if name.endswith(":latest") else name
+        if base != state.name:
+            raise APIError(
+                404, f"model {name!r} not found; this server runs {state.name!r}", "model_not_found", "model"
+            )
+
+    def sampling(temperature, top_p, top_k, min_p, seed, repetition_penalty=None) -> SamplingParams:
+        return SamplingParams(
+            temperature=0.0 if temperature is None else float(temperature),
+            top_k=top_k,
+            top_p=None if top_p is None else float(top_p),
+            min_p=None if min_p is None else float(min_p),
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        )
+
+    def budget(requested: int | None, prompt_len: int) -> int:
+        if prompt_len >= state.n_ctx:
+            raise ContextLengthError(f"the prompt has {prompt_len} tokens; the context holds {state.n_ctx}")
+        if requested is not None and requested > state.n_ctx:
+            raise APIError(
+                400, f"max_tokens {requested} exceeds the context size {state.n_ctx}", "invalid_value", "max_tokens"
+            )
+        return requested if requested is not None else min(state.default_max_tokens, state.n_ctx - prompt_len)
+
+    async def run(
+        http: Request, ids: list[int], params: SamplingParams, max_tokens: int, stops: list[str]
+    ) -> AsyncIterator:
+        """Yields (text delta, finish_reason | None, engine request)."""
+        req = EngineRequest(ids, params, max_tokens, tok.stop_ids, emit=None)
+        try:
+            queue = state.scheduler.submit(req, asyncio.get_running_loop())
+        except QueueFull as e:
+            raise APIError(503, str(e), "server_busy") from None
+        text, matcher, done = TextStream(tok), _StopMatcher(stops), False
+        deadline = time.monotonic() + state.timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise APIError(504, f"generation exceeded the {state.timeout:.0f}s timeout", "timeout")
+                try:
+                    tokens, finish = await asyncio.wait_for(queue.get(), timeout=min(left, 0.5))
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        return
+                    continue
+                if finish and finish.startswith("error:"):
+                    raise APIError(400, finish[len("error:") :], "invalid_request")
+                delta = text.push(tokens) + (text.flush() if finish else "")
+                out, hit = matcher.feed(delta)
+                if hit:
+                    done = True
+                    yield out, "stop", req
+                    return
+                if finish:
+                    done = True
+                    yield out + matcher.flush(), finish, req
+                    return
+                if out:
+                    yield out, None, req
+        finally:
+            if not done:
+                state.scheduler.cancel(req)
+
+    def usage(req: EngineRequest) -> dict:
+        s = req.stats
+        completion = len(req.tokens) - len(req.prompt) if req.tokens else 0
+        return {
+            "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": s.prompt_tokens + completion,
+            "aheadlm": {
+                "mean_accepted_length": round(s.mean_accepted_length, 3),
+                "acceptance_rate": round(s.acceptance_rate, 4),
+                "drafted_tokens": s.drafted,
+                "accepted_tokens": s.accepted,
+                "target_forwards": s.target_forwards,
+                "tokens_per_s": round(s.tokens_per_s, 2),
+            },
+        }
+
+    def chat_ids(messages) -> tuple[list[int], list[str]]:
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+        try:
+            return state.llm.chat_prompt(msgs)
+        except ValueError as e:  # the chat template rejected the conversation
+            raise APIError(400, f"messages: {e}", "invalid_request", "messages") from None
+
+    def stops_of(stop) -> list[str]:
+        return [stop] if isinstance(stop, str) else list(stop or [])
+
+    # -- OpenAI ------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "model": state.name,
+            "running": state.scheduler.running,
+            "queued": state.scheduler.queue_depth,
+        }
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.name, "object": "model", "created": 0, "owned_by": "aheadlm"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
+        check_model(body.model)
+        ids, extra = chat_ids(body.messages)
+        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p, body.seed)
+        n = budget(body.max_completion_tokens or body.max_tokens, len(ids))
+        stream = run(http, ids, params, n, stops_of(body.stop) + extra)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        base = {"id": cid, "created": created, "model": state.name}
+        if not body.stream:
+            text, finish, req = await _collect(stream)
+            msg = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}
+            return {**base, "object": "chat.completion", "choices": [choice], "usage": usage(req) if req else None}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        first = await _first(stream)
+
+        async def sse():
+            extra_usage = {"usage": None} if include_usage else {}
+            head = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            yield _sse({**base, "object": "chat.completion.chunk", "choices": [head], **extra_usage})
+            req = None
+            async for delta, finish, r in _chain(first, stream):
+                req = r
+                if delta:
+                    c = {"index": 0, "delta": {"content": delta}, "logprobs": None, "finish_reason": None}
+                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [c], **extra_usage})
+                if finish:
+                    c = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
+                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [c], **extra_usage})
+            if include_usage and req is not None:
+                yield _sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(req)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request):
+        check_model(body.model)
+        if isinstance(body.prompt, str):
+            ids = tok.encode(body.prompt)
+        else:
+            ids = body.prompt
+            if any(not isinstance(i, int) or i < 0 or i >= state.llm.config.vocab_size for i in ids):
+                raise APIError(400, "prompt token ids out of the vocabulary range", "invalid_value", "prompt")
+        if not ids:
+            raise APIError(400, "prompt must not be empty", "invalid_value", "prompt")
+        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p, body.seed)
+        n = budget(body.max_tokens, len(ids))
+        stream = run(http, ids, params, n, stops_of(body.stop))
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        base = {"id": cid, "object": "text_completion", "created": created, "model": state.name}
+        if not body.stream:
+            text, finish, req = await _collect(stream)
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return {**base, "choices": [choice], "usage": usage(req) if req else None}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        first = await _first(stream)
+
+        async def sse():
+            extra_usage = {"usage": None} if include_usage else {}
+            req = None
+            async for delta, finish, r in _chain(first, stream):
+                req = r
+                if delta or finish:
+                    c = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+                    yield _sse({**base, "choices": [c], **extra_usage})
+            if include_usage and req is not None:
+                yield _sse({**base, "choices": [], "usage": usage(req)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    # -- Ollama ------------------------------------------------------------------------------------
+    def ollama_params(o: OllamaOptions | None, prompt_len: int) -> tuple[SamplingParams, int, list[str]]:
+        o = o or OllamaOptions()
+        params = sampling(o.temperature, o.top_p, o.top_k, o.min_p, o.seed, o.repeat_penalty)
+        if o.num_predict is not None and o.num_predict == 0:
+            raise APIError(400, "options.num_predict must not be 0", "invalid_value", "options.num_predict")
+        n = budget(None if o.num_predict is None or o.num_predict < 0 else o.num_predict, prompt_len)
+        if o.num_predict is not None and o.num_predict < 0:
+            n = state.n_ctx - prompt_len
+        return params, n, stops_of(o.stop)
+
+    def ollama_final(req, finish, t0) -> dict:
+        s = req.stats
+        return {
+            "done": True,
+            "done_reason": finish,
+            "total_duration": int((time.perf_counter() - t0) * 1e9),
+            "load_duration": 0,
+            "prompt_eval_count": s.prompt_tokens,
+            "prompt_eval_duration": int(s.prefill_s * 1e9),
+            "eval_count": usage(req)["completion_tokens"],
+            "eval_duration": int(s.decode_s * 1e9),
+            "aheadlm": usage(req)["aheadlm"],
+        }
+
+    async def ollama_respond(http, ids, params, n, stops, stream_out: bool, wrap):
+        t0 = time.perf_counter()
+        stream = run(http, ids, params, n, stops)
+        if not stream_out:
+            text, finish, req = await _collect(stream)
+            return {**wrap(text), **ollama_final(req, finish, t0)}
+        first = await _first(stream)
+
+        async def ndjson():
+            async for delta, finish, req in _chain(first, stream):
+                if delta:
+                    yield json.dumps({**wrap(delta), "done": False}) + "\n"
+                if finish:
+                    yield json.dumps({**wrap(""), **ollama_final(req, finish, t0)}) + "\n"
+
+        return StreamingResponse(ndjson(), media_type="application/x-ndjson")
+
+    @app.post("/api/generate")
+    async def ollama_generate(body: OllamaGenerate, http: Request):
+        check_model(body.model)
+
+        def wrap(text):
+            return {"model": body.model, "created_at": _now_rfc3339(), "response": text}
+
+        if not body.prompt and not body.system:
+            return {**wrap(""), "done": True, "done_reason": "load"}
+        if body.raw:
+            ids, extra = tok.encode(body.prompt), []
+        else:
+            msgs = ([{"role": "system", "content": body.system}] if body.system else []) + [
+                {"role": "user", "content": body.prompt}
+            ]
+            ids, extra = state.llm.chat_prompt(msgs)
+        params, n, stops = ollama_params(body.options, len(ids))
+        return await ollama_respond(http, ids, params, n, stops + extra, body.stream, wrap)
+
+    @app.post("/api/chat")
+    async def ollama_chat(body: OllamaChat, http: Request):
+        check_model(body.model)
+        ids, extra = chat_ids(body.messages)
+        params, n, stops = ollama_params(body.options, len(ids))
+
+        def wrap(text):
+            return {
+                "model": body.model,
+                "created_at": _now_rfc3339(),
+                "message": {"role": "assistant", "content": text},
+            }
+
+        return await ollama_respond(http, ids, params, n, stops + extra, body.stream, wrap)
+
+    def details() -> dict:
+        cfg = state.llm.config
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": cfg.arch,
+            "families": [cfg.arch],
+            "parameter_size": f"{cfg.num_params / 1e6:.0f}M",
+            "quantization_level": "native",
+        }
+
+    @app.get("/api/tags")
+    async def ollama_tags():
+        m = {
+            "name": f"{state.name}:latest",
+            "model": f"{state.name}:latest",
+            "modified_at": _now_rfc3339(),
+            "size": state.file_size,
+            "digest": uuid.uuid5(uuid.NAMESPACE_URL, state.name).hex,
+            "details": details(),
+        }
+        return {"models": [m]}
+
+    @app.post("/api/show")
+    async def ollama_show(body: OllamaShow):
+        check_model(body.model or body.name or "")
+        cfg = state.llm.config
+        info = {
+            "general.architecture": cfg.arch,
+            "general.parameter_count": cfg.num_params,
+            f"{cfg.arch}.context_length": cfg.max_position,
+            f"{cfg.arch}.embedding_length": cfg.hidden_size,
+            f"{cfg.arch}.block_count": cfg.num_layers,
+        }
+        return {
+            "modelfile": f"FROM {state.name}\n",
+            "parameters": "",
+            "template": tok.chat_template or "",
+            "details": details(),
+            "model_info": info,
+            "capabilities": ["completion"],
+            "modified_at": _now_rfc3339(),
+        }
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(prometheus(state), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def _collect(stream: AsyncIterator) -> tuple[str, str, EngineRequest | None]:
+    parts, finish, last = [], "length", None
+    async for delta, f, r in stream:
+        parts.append(delta)
+        finish, last = f or finish, r
+    return "".join(parts), finish, last
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _first(stream: AsyncIterator):
+    """Await the first item before the response starts, so errors still get a proper status."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _chain(first, stream: AsyncIterator):
+    if first is not None:
+        yield first
+    async for item in stream:
+        yield item
+
+
+def prometheus(state: ServerState) -> str:
+    m, sch = state.scheduler.metrics, state.scheduler
+    lines = [
+        "# HELP aheadlm_requests_total HTTP requests by endpoint and status.",
+        "# TYPE aheadlm_requests_total counter",
+    ]
+    for (path, code), n in sorted(m.requests.items()):
+        lines.append(f'aheadlm_requests_total{{endpoint="{path}",status="{code}"}} {n}')
+    emitted = max(0, m.completion_tokens)
+    rows = [
+        ("prompt_tokens_total", "counter", "Prompt tokens processed.", m.prompt_tokens),
+        ("completion_tokens_total", "counter", "Tokens generated.", emitted),
+        ("drafted_tokens_total", "counter", "Draft tokens proposed.", m.drafted),
+        ("accepted_tokens_total", "counter", "Draft tokens accepted.", m.accepted),
+        ("target_forwards_total", "counter", "Decode-phase target forwards.", m.target_forwards),
+        (
+            "mean_accepted_length",
+            "gauge",
+            "Tokens per target forward (tau).",
+            round(m.completion_tokens / m.target_forwards, 4) if m.target_forwards else 0,
+        ),
+        ("acceptance_rate", "gauge", "Accepted / drafted.", round(m.accepted / m.drafted, 4) if m.drafted else 0),
+        (
+            "tokens_per_second",
+            "gauge",
+            "Generated tokens per second of request decode time.",
+            round(emitted / m.decode_seconds, 3) if m.decode_seconds else 0,
+        ),
+        ("queue_depth", "gauge", "Requests waiting for a batch row.", sch.queue_depth),
+        ("running_requests", "gauge", "Requests decoding now.", sch.running),
+    ]
+    for name, kind, help_, value in rows:
+        lines += [f"# HELP aheadlm_{name} {help_}", f"# TYPE aheadlm_{name} {kind}", f"aheadlm_{name} {value}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,219 @@
+"""Continuous batching with speculative decoding (the server's engine).
+
+Up to `slots` requests decode together in one batch KV cache, one row each. A round drafts for
+every active row at once (the MTP drafter runs batched over the rows; n-gram proposers are per
+request), verifies all rows in one target forward (rows padded with position -1), then accepts,
+rolls back and emits per row. New requests are prefilled in a private cache and copied into a free
+row, so a long prompt never stalls the rows already decoding for more than its prefill.
+
+Rows are computed independently by the kernels, so a request receives exactly the tokens it would
+receive alone, whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..drafter import MTPDrafter
+from ..engine import Engine
+from ..kv_cache import KVCache
+from ..model import Transformer
+from ..outputs import GenerationStats
+from ..proposers import NgramProposer, SpecState, choose_draft
+from ..sampling import SamplingParams, apply_repetition_penalty, next_token
+from ..speculative import judge
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop_ids: tuple[int, ...]
+    emit: Callable[[list[int], str | None], None]
+    """Called from the engine thread with (new token ids, finish reason or None)."""
+    generator: torch.Generator | None = None
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    cancelled: bool = False
+    row: int = -1
+    tokens: list[int] = field(default_factory=list)
+    hidden: torch.Tensor | None = None
+    limit: int = 0
+    ngram: NgramProposer | None = None
+
+
+class BatchEngine:
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        drafter: MTPDrafter | None = None,
+        ngram: bool = False,
+        num_draft: int = 4,
+        slots: int = 8,
+        n_ctx: int = 4096,
+    ):
+        self.model = model
+        self.drafter = drafter
+        self.ngram = ngram
+        self.num_draft = num_draft if (drafter is not None or ngram) else 0
+        self.n_ctx = min(n_ctx, model.config.max_position)
+        self.max_step = 128
+        p = next(model.parameters())
+        self.device = p.device
+        self.cache = KVCache(
+            model.config,
+            self.n_ctx,
+            batch_size=slots,
+            dtype=model.embed_dtype(),
+            device=p.device,
+            max_step=self.max_step,
+        )
+        self.rows: list[Request | None] = [None] * slots
+        self._prefill_engine = Engine(model, n_ctx=self.n_ctx, max_step=self.max_step)
+
+    @property
+    def active(self) -> list[Request]:
+        return [r for r in self.rows if r is not None]
+
+    def has_free_slot(self) -> bool:
+        return any(r is None for r in self.rows)
+
+    # -- admission ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def admit(self, req: Request) -> None:
+        """Prefill `req` in a private cache, move it into a free row, emit its first token."""
+        row = self.rows.index(None)
+        self._prefill_engine.check_prompt(req.prompt, req.max_tokens)
+        t0 = time.perf_counter()
+        tmp = KVCache(
+            self.model.config, self.n_ctx, dtype=self.cache.k[0].dtype, device=self.device, max_step=self.max_step
+        )
+        logits, hidden = self._prefill_engine.prefill(tmp, req.prompt)
+        self.cache.reset(row)
+        self.cache.copy_row_from(tmp, 0, row)
+        req.stats.prompt_tokens = len(req.prompt)
+        req.stats.prefill_s = time.perf_counter() - t0
+        req.generator = req.generator or req.params.make_generator(self.device)
+        req.row, req.hidden, req.tokens = row, hidden, list(req.prompt)
+        req.limit = min(self.n_ctx, len(req.prompt) + req.max_tokens)
+        if self.ngram:
+            req.ngram = NgramProposer()
+            req.ngram.begin(req.prompt)
+        self.rows[row] = req
+        if req.params.repetition_penalty:
+            seen = torch.tensor(req.prompt, device=self.device)[None]
+            logits = apply_repetition_penalty(logits[None], seen, req.params.repetition_penalty)[0]
+        first = int(next_token(logits[None], req.params, req.generator)[0])
+        self._deliver(req, [first], time.perf_counter())
+
+    def _deliver(self, req: Request, new: list[int], t_start: float) -> None:
+        emit, finish = [], None
+        for t in new:
+            if t in req.stop_ids:
+                finish = "stop"
+                break
+            emit.append(t)
+            req.tokens.append(t)
+            if len(req.tokens) >= req.limit:
+                finish = "length"
+                break
+        req.stats.completion_tokens = len(req.tokens) - len(req.prompt) + (finish == "stop")
+        req.stats.decode_s += time.perf_counter() - t_start
+        req.emit(emit, finish)
+        if finish:
+            self.release(req)
+
+    def release(self, req: Request) -> None:
+        if 0 <= req.row < len(self.rows) and self.rows[req.row] is req:
+            self.rows[req.row] = None
+            self.cache.reset(req.row)
+
+    # -- one round ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        for r in self.active:
+            if r.cancelled:
+                self.release(r)
+        active = self.active
+        if not active:
+            return
+        t0 = time.perf_counter()
+        budget = {
+            r.row: max(0, min(self.num_draft, self.n_ctx - len(r.tokens), r.limit - len(r.tokens) - 1)) for r in active
+        }
+        drafts, probs = self._propose(active, budget)
+        td = time.perf_counter()
+        K = 1 + max(len(drafts[r.row]) for r in active)
+        B = len(self.rows)
+        x = torch.zeros(B, K, dtype=torch.long)
+        pos = torch.full((B, K), -1, dtype=torch.long)
+        for r in active:
+            seq = [r.tokens[-1]] + drafts[r.row]
+            n = len(r.tokens)
+            x[r.row, : len(seq)] = torch.tensor(seq)
+            pos[r.row, : len(seq)] = torch.arange(n - 1, n - 1 + len(seq))
+        _, hidden = self.model(x.to(self.device), pos.to(self.device), self.cache, num_logits=0)
+        # Logits only for real positions: padding costs the output head nothing.
+        index = [(r.row, i) for r in active for i in range(1 + len(drafts[r.row]))]
+        rows_idx = torch.tensor([a for a, _ in index])
+        cols_idx = torch.tensor([b for _, b in index])
+        logits = self.model.logits(hidden[rows_idx, cols_idx][None])[0]
+        tt = time.perf_counter()
+        offset = 0
+        for r in active:
+            d = drafts[r.row]
+            m = len(d) + 1
+            accepted, bonus = judge(logits[offset : offset + m], d, probs.get(r.row), r.params, r.generator, r.tokens)
+            offset += m
+            n = len(r.tokens)
+            self.cache.trim(n + accepted, row=r.row)
+            r.hidden = hidden[r.row, accepted]
+            st = r.stats
+            st.target_forwards += 1
+            st.drafted += len(d)
+            st.accepted += accepted
+            st.draft_s += (td - t0) / len(active)
+            st.target_s += (tt - td) / len(active)
+            self._deliver(r, d[:accepted] + [bonus], t0)
+            if r.ngram is not None and self.rows[r.row] is r:
+                r.ngram.after_verify(SpecState(r.tokens, r.hidden, self.cache, self.model))
+
+    def _propose(self, active: list[Request], budget: dict[int, int]):
+        drafts: dict[int, list[int]] = {r.row: [] for r in active}
+        probs: dict[int, torch.Tensor] = {}
+        if self.ngram:
+            for r in active:
+                if budget[r.row]:
+                    st = SpecState(r.tokens, r.hidden, self.cache, self.model)
+                    drafts[r.row] = r.ngram.propose(st, budget[r.row], r.params, r.generator).tokens
+            return drafts, probs
+        k = max(budget.values(), default=0)
+        if self.drafter is None or k == 0:
+            return drafts, probs
+        d, B = self.drafter, len(self.rows)
+        pos = torch.full((B,), -1, dtype=torch.long)
+        tok = torch.zeros(B, dtype=torch.long)
+        h = torch.zeros(B, self.model.config.hidden_size, dtype=d.pre_projection.weight.dtype)
+        for r in active:
+            pos[r.row], tok[r.row], h[r.row] = len(r.tokens) - 1, r.tokens[-1], r.hidden
+        ctx = d.round_context(self.model, self.cache, pos.to(self.device))
+        qs: dict[int, list[torch.Tensor]] = {r.row: [] for r in active}
+        for j in range(k):
+            head_in, h = d.step(self.model, tok.to(self.device), h, ctx)
+            for r in active:
+                if j >= budget[r.row] or len(drafts[r.row]) < j:
+                    continue
+                choice, q, _ = choose_draft(d, self.model, head_in[r.row], r.params, r.generator)
+                drafts[r.row].append(choice)
+                if q is not None:
+                    qs[r.row].append(q)
+                tok[r.row] = choice
+        for row, q in qs.items():
+            if q:
+                probs[row] = torch.stack(q)
+        return drafts, probs

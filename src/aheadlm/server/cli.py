@@ -1,0 +1,73 @@
+"""`aheadlm serve`: load the model (and its drafter), start the scheduler, run uvicorn."""
+
+from __future__ import annotations
+
+import sys
+
+from ..api import load
+from ..errors import InvalidRequestError
+from ..proposers import MTPProposer, NgramProposer
+from .app import ServerState, create_app
+from .batching import BatchEngine
+from .scheduler import Scheduler
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", "-m", default="gemma3-270m")
+    p.add_argument("--drafter", "-d", default=None, help="none | ngram | mtp | drafter folder (default: shipped MTP)")
+    p.add_argument("--draft-tokens", "-k", type=int, default=4)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together (batch rows)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context per request")
+    p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+
+
+def build_state(a) -> ServerState:
+    if a.slots < 1 or a.max_queue < 0:
+        raise InvalidRequestError("--slots must be >= 1 and --max-queue >= 0")
+    llm = load(a.model, drafter=a.drafter, draft_tokens=a.draft_tokens, dtype=a.dtype, device=a.device, n_ctx=a.n_ctx)
+    prop = llm.engine.proposer
+    if prop is not None and not isinstance(prop, (MTPProposer, NgramProposer)):
+        raise InvalidRequestError("the server supports the none, ngram and mtp proposers")
+    engine = BatchEngine(
+        llm.engine.model,
+        drafter=prop.drafter if isinstance(prop, MTPProposer) else None,
+        ngram=isinstance(prop, NgramProposer),
+        num_draft=a.draft_tokens,
+        slots=a.slots,
+        n_ctx=llm.engine.n_ctx,
+    )
+    from ..registry import resolve
+
+    path = resolve(a.model)
+    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return ServerState(
+        llm=llm,
+        scheduler=Scheduler(engine, a.max_queue),
+        name=llm.name,
+        n_ctx=engine.n_ctx,
+        api_key=a.api_key,
+        timeout=a.timeout,
+        default_max_tokens=a.max_tokens,
+        file_size=size,
+    )
+
+
+def run(a) -> int:
+    import uvicorn
+
+    state = build_state(a)
+    app = create_app(state)
+    drafter = type(state.llm.engine.proposer).__name__ if state.llm.engine.proposer else "none"
+    print(f"aheadlm serving {state.name} (drafter: {drafter}) on http://{a.host}:{a.port}", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        state.scheduler.shutdown()
+    return 0

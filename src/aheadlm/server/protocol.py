@@ -1,0 +1,130 @@
+"""Request schemas (OpenAI and Ollama) with strict validation, and error bodies."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from ..errors import InvalidRequestError
+
+
+class APIError(Exception):
+    """An error answered as OpenAI-style JSON with an HTTP status."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        if self.status == 401:
+            kind = "authentication_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+Number = float | int
+Stop = str | list[str] | None
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=False)
+
+    @field_validator("stop", mode="before", check_fields=False)
+    @classmethod
+    def _stop(cls, v):
+        if v is None or isinstance(v, str):
+            return v
+        if isinstance(v, list) and all(isinstance(s, str) for s in v) and len(v) <= 16:
+            return v
+        raise ValueError("stop must be a string or a list of at most 16 strings")
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class SamplingFields(_Base):
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
+    top_k: StrictInt | None = Field(default=None, ge=0)
+    min_p: Number | None = Field(default=None, ge=0, le=1)
+    seed: StrictInt | None = None
+    stop: Stop = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt = Field(default=1, ge=1, le=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.get("text", "") for p in self.content if isinstance(p, dict) and p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: str | list[str] | list[int]
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be empty")
+            if all(isinstance(x, str) for x in v):
+                if len(v) != 1:
+                    raise ValueError("only one prompt per request is supported")
+                return v[0]
+        return v
+
+
+class OllamaOptions(_Base):
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
+    top_k: StrictInt | None = Field(default=None, ge=0)
+    min_p: Number | None = Field(default=None, ge=0, le=1)
+    repeat_penalty: Number | None = Field(default=None, gt=0, le=10)
+    seed: StrictInt | None = None
+    num_predict: StrictInt | None = Field(default=None)
+    stop: Stop = None
+
+
+class OllamaGenerate(_Base):
+    model: str
+    prompt: str = ""
+    system: str | None = None
+    raw: StrictBool = False
+    stream: StrictBool = True
+    options: OllamaOptions | None = None
+
+
+class OllamaChat(_Base):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: StrictBool = True
+    options: OllamaOptions | None = None
+
+
+class OllamaShow(_Base):
+    model: str | None = None
+    name: str | None = None
+
+
+def check_max_tokens(value: int | None, limit: int, default: int) -> int:
+    if value is None:
+        return default
+    if value > limit:
+        raise InvalidRequestError(f"max_tokens {value} exceeds the context size {limit}")
+    return value

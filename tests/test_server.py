@@ -1,0 +1,265 @@
+"""The HTTP server as a real process on loopback: official openai and ollama clients, streaming and
+not, 16 concurrent greedy clients identical to single runs, schema fuzzing, a client that
+disconnects mid-stream, and the server healthy after every bad request."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytestmark = pytest.mark.realmodel
+
+MODEL = "smollm2-135m"
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    env = {**os.environ, "AHEADLM_QUIET": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aheadlm.cli",
+            "serve",
+            "-m",
+            MODEL,
+            "--port",
+            str(port),
+            "--api-key",
+            KEY,
+            "--drafter",
+            "ngram",
+            "--slots",
+            "8",
+            "--max-queue",
+            "64",
+            "--n-ctx",
+            "1024",
+            "--max-tokens",
+            "64",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read().decode())
+    else:
+        proc.kill()
+        raise RuntimeError("server did not start")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def healthy(base):
+    assert httpx.get(base + "/health", timeout=10).json()["status"] == "ok"
+
+
+H = {"Authorization": f"Bearer {KEY}"}
+
+
+def test_openai_client(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server + "/v1", api_key=KEY)
+    assert [m.id for m in client.models.list()] == [MODEL]
+    msgs = [{"role": "user", "content": "Name three colours."}]
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=24, temperature=0)
+    text = r.choices[0].message.content
+    assert text and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens > 0 and "aheadlm" in r.usage.model_extra
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=msgs,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert c.choices[0].text
+    s = "".join(
+        x.choices[0].text
+        for x in client.completions.create(
+            model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+        )
+    )
+    assert s == c.choices[0].text
+    stopped = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[" 7"])
+    assert " 7" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
+
+
+def test_ollama_client(server):
+    import ollama
+
+    client = ollama.Client(host=server, headers=H)
+    assert any(m.model.startswith(MODEL) for m in client.list().models)
+    r = client.chat(
+        model=MODEL, messages=[{"role": "user", "content": "Say hello."}], options={"temperature": 0, "num_predict": 16}
+    )
+    assert r.message.content and r.done
+    parts = list(
+        client.chat(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Say hello."}],
+            stream=True,
+            options={"temperature": 0, "num_predict": 16},
+        )
+    )
+    assert "".join(p.message.content for p in parts) == r.message.content and parts[-1].done
+    g = client.generate(model=MODEL, prompt="Why is the sky blue?", options={"temperature": 0, "num_predict": 12})
+    assert g.response and g.eval_count > 0
+    assert client.show(MODEL).details.family == "llama"
+
+
+def test_concurrent_greedy_identical(server):
+    """16 simultaneous streaming clients get exactly what each gets alone."""
+    prompts = [f"Write one sentence about the number {i}." for i in range(16)]
+
+    def ask(p, stream):
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": p}],
+            "max_tokens": 40,
+            "temperature": 0,
+            "stream": stream,
+        }
+        if not stream:
+            return httpx.post(server + "/v1/chat/completions", json=body, headers=H, timeout=300).json()["choices"][0][
+                "message"
+            ]["content"]
+        out = []
+        with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=H, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    for ch in json.loads(line[6:])["choices"]:
+                        out.append(ch["delta"].get("content") or "")
+        return "".join(out)
+
+    alone = [ask(p, False) for p in prompts]
+    results = [None] * 16
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(prompts[i], True))) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == alone
+    m = httpx.get(server + "/metrics").text
+    assert "aheadlm_mean_accepted_length" in m and "aheadlm_queue_depth" in m
+
+
+def test_disconnect_frees_the_slot(server):
+    body = {"model": MODEL, "prompt": "Count forever: 1, 2, 3,", "max_tokens": 900, "stream": True}
+    with httpx.stream("POST", server + "/v1/completions", json=body, headers=H, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 3:
+                break  # hang up mid-stream
+    for _ in range(40):
+        if httpx.get(server + "/health").json()["running"] == 0:
+            break
+        time.sleep(0.25)
+    assert httpx.get(server + "/health").json()["running"] == 0
+    healthy(server)
+
+
+BAD = [
+    ("/v1/chat/completions", b"{not json", 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 9}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_p": -1}, 400),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9},
+        400,
+    ),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "word " * 3000}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": [10**9]}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"temperature": "hot"}}, 400),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400),
+    ("/v1/completions", b"x" * (5 * 2**20), 413),
+]
+
+
+@pytest.mark.parametrize("path,body,status", BAD)
+def test_bad_requests(server, path, body, status):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server + path, headers={**H, "content-type": "application/json"}, timeout=60, **kw)
+    assert r.status_code == status, r.text
+    assert "error" in r.json() and r.json()["error"]["message"]
+    healthy(server)
+
+
+def test_api_key_enforced(server):
+    r = httpx.post(server + "/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**12), 10**12) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/api/generate", "/api/chat", "/api/show"]),
+    extra=st.dictionaries(
+        st.sampled_from(
+            [
+                "model",
+                "messages",
+                "prompt",
+                "max_tokens",
+                "temperature",
+                "top_p",
+                "stop",
+                "stream",
+                "seed",
+                "options",
+                "n",
+                "stream_options",
+            ]
+        ),
+        json_values,
+        max_size=6,
+    ),
+)
+def test_fuzz_schemas(server, path, extra):
+    body = {"model": MODEL, "max_tokens": 4, "options": {"num_predict": 4}, **extra}
+    r = httpx.post(server + path, json=body, headers=H, timeout=120)
+    assert r.status_code < 500, r.text
+    healthy(server)
