@@ -149,7 +149,7 @@ def test_concurrent_greedy_identical(server):
         body = {
             "model": MODEL,
             "messages": [{"role": "user", "content": p}],
-            "max_tokens": 40,
+            "max_tokens": 24,
             "temperature": 0,
             "stream": stream,
         }
