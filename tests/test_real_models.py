@@ -78,3 +78,19 @@ def test_greedy_64_identical(models):
             ref = ref[:-1]
         got = ours.generate(ids, max_tokens=64, stop_token_ids=[eos], ignore_eos=True)
         assert got.token_ids == ref, prompt
+
+
+def test_fresh_conversion_matches_cache(tmp_path, monkeypatch):
+    """Converting a GGUF from scratch (what every first run does) gives the cached weights, bit for bit."""
+    cached = aheadlm.load("smollm2-135m")
+    ids = cached.tokenizer.encode(PROMPTS[0])
+    positions = torch.arange(len(ids))[None]
+    with torch.no_grad():  # runs first so that the kernels load from the usual cache
+        a, _ = cached.engine.model(torch.tensor([ids]), positions, KVCache(cached.config, 32))
+    monkeypatch.setenv("AHEADLM_CACHE", str(tmp_path))
+    fresh = aheadlm.load("smollm2-135m")
+    assert list(tmp_path.glob("models/*/model.safetensors"))
+    assert fresh.tokenizer.encode(PROMPTS[0]) == ids
+    with torch.no_grad():
+        b, _ = fresh.engine.model(torch.tensor([ids]), positions, KVCache(fresh.config, 32))
+    assert torch.equal(a, b)

@@ -221,7 +221,8 @@ class GGUFFile:
             try:
                 parts = split_quantized(t) if t.tensor_type not in (Q.F32, Q.F16, Q.BF16) else None
                 if parts is not None:
-                    q, scale, offset, block = (_rows(a, heads) for a in parts[:3]) + (parts[3],)
+                    q, scale, offset = (_rows(a, heads) for a in parts[:3])
+                    block = parts[3]
                     yield name, QTensor(q, scale, offset, block)
                     continue
                 if t.tensor_type in (Q.F32, Q.F16):
