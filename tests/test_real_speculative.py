@@ -96,6 +96,13 @@ def test_stop_strings_and_context_end(plain):
             a = plain.generate(p, max_tokens=60, stop=stop)
             b = spec.generate(p, max_tokens=60, stop=stop)
             assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason)
+        # A stop string completed in the middle of a long accepted round: nothing after it is kept.
+        rep = "The cat sat on the mat. " * 4
+        for stop in (" mat", "sat on"):
+            a = plain.generate(rep, max_tokens=40, stop=stop)
+            b = spec.generate(rep, max_tokens=40, stop=stop)
+            assert (a.text, a.token_ids, a.finish_reason) == (b.text, b.token_ids, b.finish_reason), stop
+            assert b.stats.completion_tokens == len(b.token_ids)
         short_plain = with_proposer(plain, None, 1, n_ctx=48)
         short_spec = with_proposer(plain, oracle_like, k, n_ctx=48)
         a = short_plain.generate(p, max_tokens=500, ignore_eos=True)

@@ -80,6 +80,16 @@ class _StopMatcher:
         return out
 
 
+def _through_stop(tokenizer: Tokenizer, before: list[int], new: list[int], stops: list[str]) -> list[int]:
+    """The shortest prefix of `new` whose text completes a stop string: a speculative round can
+    emit tokens past the stop, and the result must hold exactly what plain decoding would."""
+    for n in range(1, len(new)):
+        text = tokenizer.decode(before + new[:n])
+        if any(s in text for s in stops):
+            return new[:n]
+    return new
+
+
 class LLM:
     """A loaded target model (and, when given, its drafter), ready to generate."""
 
@@ -126,16 +136,22 @@ class LLM:
         steps = self.engine.generate(ids, params, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats)
         text = TextStream(self.tokenizer)
         matcher = _StopMatcher(stops)
+        emitted: list[int] = []
         for step in steps:
             delta = text.push(step.token_ids)
             if step.finish_reason:
                 delta += text.flush()
             step.text, hit = matcher.feed(delta)
             if hit:
+                kept = _through_stop(self.tokenizer, emitted, step.token_ids, stops)
+                if stats is not None:
+                    stats.completion_tokens -= len(step.token_ids) - len(kept)
+                step.token_ids = kept
                 step.finish_reason = "stop"
                 steps.close()
                 yield step
                 return
+            emitted.extend(step.token_ids)
             if step.finish_reason:
                 step.text += matcher.flush()
             yield step

@@ -184,6 +184,11 @@ class MTPDrafter(nn.Module):
         else:
             self.centroids = None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Activation dtype: packed projections keep bf16 weights but take and return this."""
+        return self.norm.weight.dtype
+
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> MTPDrafter:
         """Random initialisation for training (norms and layer scalars start at 1)."""
         for name, p in self.named_parameters():
@@ -250,7 +255,7 @@ class MTPDrafter(nn.Module):
     def candidates(self, head_in: torch.Tensor) -> torch.Tensor:
         """Token ids of the top `centroid_top_k` clusters [B, k * cluster_size]."""
         c = self.config
-        top = self.centroids(head_in.to(self.centroids.weight.dtype)).topk(c.centroid_top_k, dim=-1).indices
+        top = self.centroids(head_in.to(self.dtype)).topk(c.centroid_top_k, dim=-1).indices
         per = self.token_ordering.view(c.num_centroids, -1)
         return per[top].flatten(1)
 
@@ -272,7 +277,7 @@ def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu"
         state = load_file(str(d / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise WeightsError(f"{d}/model.safetensors: corrupt or missing ({e})") from None
-    state = {k: v.float().to(device) if v.is_floating_point() else v.to(device) for k, v in state.items()}
+    state = {k: (v.float() if v.is_floating_point() else v.long()).to(device) for k, v in state.items()}
     missing = set(drafter.state_dict()) - set(state)
     if missing:
         raise WeightsError(f"{d}: drafter weights lack {sorted(missing)[:3]}")
@@ -299,7 +304,9 @@ def save_drafter(drafter: MTPDrafter, directory: str | Path, record: dict | None
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {
-        k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in drafter.state_dict().items()
+        # bf16 weights and int32 token ids halve the shipped size; loading widens them again
+        k: (v.to(torch.bfloat16) if v.is_floating_point() else v.to(torch.int32)).contiguous()
+        for k, v in drafter.state_dict().items()
     }
     save_file(state, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=1))

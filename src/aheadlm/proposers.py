@@ -91,7 +91,7 @@ class MTPProposer(Proposer):
         pos = torch.tensor([len(state.tokens) - 1])
         ctx = d.round_context(target, state.cache, pos)
         tok = torch.tensor([state.tokens[-1]])
-        h = state.hidden[None].to(d.pre_projection.weight.dtype)
+        h = state.hidden[None].to(d.dtype)
         tokens, qs = [], []
         for _ in range(k):
             head_in, h = d.step(target, tok, h, ctx)
@@ -146,6 +146,27 @@ class NgramProposer(Proposer):
             if end is not None:
                 return Draft(toks[end + 1 : end + 1 + k])
         return Draft([])
+
+
+class HybridProposer(Proposer):
+    """Prompt lookup first, a model-based proposer when lookup finds no match: copies are nearly
+    free and accepted at length, and the drafter covers the rest."""
+
+    def __init__(self, lookup: NgramProposer, fallback: Proposer):
+        self.lookup, self.fallback = lookup, fallback
+        self.name = f"{lookup.name}+{fallback.name}"
+
+    def begin(self, prompt):
+        self.lookup.begin(prompt)
+        self.fallback.begin(prompt)
+
+    def propose(self, state, k, params, generator):
+        draft = self.lookup.propose(state, k, params, generator)
+        return draft if draft.tokens else self.fallback.propose(state, k, params, generator)
+
+    def after_verify(self, state):
+        self.lookup.after_verify(state)
+        self.fallback.after_verify(state)
 
 
 class DraftModelProposer(Proposer):
@@ -218,23 +239,37 @@ def make_proposer(
     threshold: float = 0.0,
     dtype=None,
 ) -> Proposer | None:
-    """Build a proposer from a user choice: None (the model's default drafter when one ships,
-    else none), "none", "ngram", "mtp" (the default drafter), "draft:MODEL" (a smaller model with
-    the same tokenizer), or a drafter folder."""
+    """Build a proposer from a user choice: None (the registered model's measured default, see
+    `Registered.default_proposer`; plain decoding for other models), "none", "ngram", "mtp" (the
+    drafter that ships for the model), "draft:MODEL" (a smaller model with the same tokenizer),
+    "ngram+X" (lookup first, X when it finds nothing), or a drafter folder."""
     from pathlib import Path
 
     from .checkpoint import load_model
     from .drafter import load_drafter
     from .errors import DrafterMismatchError, ModelNotFoundError
-    from .registry import default_drafter_dir, resolve
+    from .registry import REGISTRY, default_drafter_dir, resolve
 
     device = next(target.parameters()).device
-    if spec is None or spec == "mtp":
+    if spec is None:
+        reg = REGISTRY.get(model_name or "")
+        if reg is None:  # a model we have not measured: plain decoding
+            return None
+        spec = reg.default_proposer
+        if spec == "mtp" and default_drafter_dir(model_name) is None:
+            return None
+    if spec and "+" in spec:  # "ngram+mtp": lookup first, then the named proposer
+        first, _, rest = spec.partition("+")
+        if first != "ngram":
+            raise ModelNotFoundError(f"drafter {spec!r}: combinations are ngram+PROPOSER")
+        inner = make_proposer(rest, target, model_name=model_name, n_ctx=n_ctx, threshold=threshold, dtype=dtype)
+        return NgramProposer() if inner is None else HybridProposer(NgramProposer(), inner)
+    if spec == "mtp":
         d = default_drafter_dir(model_name) if model_name else None
         if d is None:
-            if spec == "mtp":
-                raise ModelNotFoundError(f"no default MTP drafter ships for {model_name!r}; pass a drafter folder")
-            return None
+            raise ModelNotFoundError(
+                f"no MTP drafter ships for {model_name!r}: train one (aheadlm train-drafter) and pass its folder"
+            )
         return MTPProposer(load_drafter(d, target.config, device), threshold)
     if spec == "none":
         return None

@@ -25,7 +25,10 @@ class Registered:
     install: str
     description: str
     drafter: str | None = None
-    """Default drafter folder, relative to aheadlm/drafters/."""
+    """Drafter folder relative to aheadlm/drafters/ (`--drafter mtp`), when one ships."""
+    default_proposer: str = "ngram"
+    """What runs when the user names no drafter: the fastest lossless choice measured for this
+    model (docs/benchmarks.md); an MTP drafter becomes the default once it beats it."""
 
 
 REGISTRY = {

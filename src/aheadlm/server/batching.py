@@ -191,14 +191,15 @@ class BatchEngine:
                 if budget[r.row]:
                     st = SpecState(r.tokens, r.hidden, self.cache, self.model)
                     drafts[r.row] = r.ngram.propose(st, budget[r.row], r.params, r.generator).tokens
-            return drafts, probs
-        k = max(budget.values(), default=0)
+        # The MTP drafter (alone, or behind the lookup) drafts for the rows that have no draft yet.
+        active = [r for r in active if budget[r.row] and not drafts[r.row]]
+        k = max((budget[r.row] for r in active), default=0)
         if self.drafter is None or k == 0:
             return drafts, probs
         d, B = self.drafter, len(self.rows)
         pos = torch.full((B,), -1, dtype=torch.long)
         tok = torch.zeros(B, dtype=torch.long)
-        h = torch.zeros(B, self.model.config.hidden_size, dtype=d.pre_projection.weight.dtype)
+        h = torch.zeros(B, self.model.config.hidden_size, dtype=d.dtype)
         for r in active:
             pos[r.row], tok[r.row], h[r.row] = len(r.tokens) - 1, r.tokens[-1], r.hidden
         ctx = d.round_context(self.model, self.cache, pos.to(self.device))

@@ -6,7 +6,7 @@ import sys
 
 from ..api import load
 from ..errors import InvalidRequestError
-from ..proposers import MTPProposer, NgramProposer
+from ..proposers import HybridProposer, MTPProposer, NgramProposer
 from .app import ServerState, create_app
 from .batching import BatchEngine
 from .scheduler import Scheduler
@@ -33,12 +33,14 @@ def build_state(a) -> ServerState:
         raise InvalidRequestError("--slots must be >= 1 and --max-queue >= 0")
     llm = load(a.model, drafter=a.drafter, draft_tokens=a.draft_tokens, dtype=a.dtype, device=a.device, n_ctx=a.n_ctx)
     prop = llm.engine.proposer
-    if prop is not None and not isinstance(prop, (MTPProposer, NgramProposer)):
-        raise InvalidRequestError("the server supports the none, ngram and mtp proposers")
+    lookup = isinstance(prop, (NgramProposer, HybridProposer))
+    mtp = prop.fallback if isinstance(prop, HybridProposer) else prop
+    if not (prop is None or isinstance(prop, NgramProposer) or isinstance(mtp, MTPProposer)):
+        raise InvalidRequestError("the server supports the none, ngram, mtp and ngram+mtp proposers")
     engine = BatchEngine(
         llm.engine.model,
-        drafter=prop.drafter if isinstance(prop, MTPProposer) else None,
-        ngram=isinstance(prop, NgramProposer),
+        drafter=mtp.drafter if isinstance(mtp, MTPProposer) else None,
+        ngram=lookup,
         num_draft=a.draft_tokens,
         slots=a.slots,
         n_ctx=llm.engine.n_ctx,

@@ -21,7 +21,7 @@ from ..proposers import MTPProposer
 from ..speculative import SpecConfig
 from .clusters import balanced_clusters
 from .data import build_prompts, load_conversations
-from .distill import load_shard, write_shards
+from .distill import load_shard, shard_seconds, write_shards
 from .trainer import Tables, TrainConfig, latest_checkpoint, train
 
 DATA_NOTE = (
@@ -52,6 +52,7 @@ def add_arguments(p) -> None:
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
 
 
@@ -78,7 +79,8 @@ def run(a) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if a.resume and latest_checkpoint(out) is None:
         status(f"no checkpoint in {out}; starting fresh")
-    llm = load(a.model, drafter="none")
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    llm = load(a.model, drafter="none", device=device)
     target = llm.engine.model
     tcfg = target.config
 
@@ -103,7 +105,7 @@ def run(a) -> int:
         stop_ids=llm.tokenizer.stop_ids,
         seed=a.seed,
     )
-    gen_seconds = time.time() - t0
+    gen_seconds = max(time.time() - t0, shard_seconds(paths))
     sequences = [s for p in paths for s in load_shard(p)]
     written = sum(len(s.tokens) - s.n_prompt for s in sequences)
     status(f"{len(sequences)} sequences, {written} target-written tokens")
@@ -119,7 +121,7 @@ def run(a) -> int:
         centroid_top_k=a.centroid_top_k,
     )
     drafter = MTPDrafter(dcfg).init_weights(0.02, torch.Generator().manual_seed(a.seed))
-    tables = Tables.from_model(target)
+    tables = Tables.from_model(target, device)
     if a.centroids:
         cpath = out / "clusters.pt"
         if cpath.exists():
@@ -131,7 +133,9 @@ def run(a) -> int:
         drafter.token_ordering = ordering
         with torch.no_grad():
             drafter.centroids.weight.copy_(cent * tables.head.norm(dim=-1).mean())
-        tables.set_clusters(ordering, a.centroids)
+    drafter.to(device)
+    if a.centroids:
+        tables.set_clusters(drafter.token_ordering, a.centroids)
     drafter.train()
 
     cfg = TrainConfig(
@@ -145,7 +149,7 @@ def run(a) -> int:
         seed=a.seed,
     )
     evaluate = make_evaluator(llm, val)
-    state = train(drafter, tables, sequences, cfg, out, resume=a.resume, evaluate=evaluate)
+    state = train(drafter, tables, sequences, cfg, out, resume=a.resume, evaluate=evaluate, device=device)
     drafter.eval()
     tau = evaluate(drafter)
     record = {
@@ -160,6 +164,6 @@ def run(a) -> int:
         "train_config": state.get("config"),
         "validation_tau_k4": round(tau, 3),
     }
-    save_drafter(drafter, out, record)
+    save_drafter(drafter.to("cpu"), out, record)
     print(json.dumps({"out": str(out), "validation_tau_k4": round(tau, 3), "steps": state["step"]}))
     return 0

@@ -79,7 +79,7 @@ def write_shards(
                 capture_layers=tuple(layers.values()),
             )
             for r in rows:
-                toks = torch.tensor(r.prompt + r.tokens, dtype=torch.long)
+                toks = torch.tensor(r.prompt + r.tokens, dtype=torch.long)  # CPU; hidden and K/V move at save
                 kv = {t: r.kv[layer] for t, layer in layers.items()}
                 seqs.append(Sequence(toks, len(r.prompt), r.hidden, kv))
         save_shard(seqs, path, meta={"seconds": round(time.time() - t0, 1)})
@@ -93,11 +93,11 @@ def save_shard(seqs: list[Sequence], path: Path, meta: dict | None = None) -> No
         "tokens": torch.cat([s.tokens for s in seqs]).to(torch.int32),
         "token_offsets": torch.tensor([0] + [len(s.tokens) for s in seqs]).cumsum(0),
         "n_prompt": torch.tensor([s.n_prompt for s in seqs]),
-        "hidden": torch.cat([s.hidden for s in seqs]).to(torch.bfloat16),
+        "hidden": torch.cat([s.hidden for s in seqs]).to("cpu", torch.bfloat16),
     }
     for t in seqs[0].kv:
-        tensors[f"k_{t}"] = torch.cat([s.kv[t][0] for s in seqs]).to(torch.bfloat16)
-        tensors[f"v_{t}"] = torch.cat([s.kv[t][1] for s in seqs]).to(torch.bfloat16)
+        tensors[f"k_{t}"] = torch.cat([s.kv[t][0] for s in seqs]).to("cpu", torch.bfloat16)
+        tensors[f"v_{t}"] = torch.cat([s.kv[t][1] for s in seqs]).to("cpu", torch.bfloat16)
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
     tmp.replace(path)
@@ -121,3 +121,14 @@ def load_shard(path: Path) -> list[Sequence]:
         seqs.append(Sequence(toks, int(t["n_prompt"][i]), t["hidden"][h0 : h0 + n], kv))
         h0 += n
     return seqs
+
+
+def shard_seconds(paths: list[Path]) -> float:
+    """Total generation time recorded in the shards' metadata (also for shards of an earlier run)."""
+    from safetensors import safe_open
+
+    total = 0.0
+    for p in paths:
+        with safe_open(str(p), "pt") as f:
+            total += float(json.loads((f.metadata() or {}).get("seconds", "0")))
+    return total

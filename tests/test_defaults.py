@@ -1,0 +1,36 @@
+"""Each registered model's default speculative configuration (what runs with no --drafter flag)
+is lossless and reaches a floor of mean accepted length on fixed chat prompts, so that a default
+that silently stops drafting, or drafts badly, cannot ship. Plain decoding has tau = 1.0; the
+floors sit well below the values measured in docs/benchmarks.md."""
+
+import pytest
+
+import aheadlm
+from aheadlm.registry import REGISTRY
+
+pytestmark = pytest.mark.realmodel
+
+MESSAGES = [
+    "Explain how a hash map works.",
+    "Write a short story about a robot who learns to paint.",
+    "What are the main causes of the French Revolution?",
+    "Give me three tips for writing clean Python code.",
+]
+FLOORS = {"gemma3-270m": 1.8, "smollm2-135m": 1.1}
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_default_proposer_is_lossless_and_accepts(name):
+    llm = aheadlm.load(name)
+    assert llm.engine.proposer is not None and llm.engine.proposer.name == REGISTRY[name].default_proposer
+    plain = aheadlm.load(name, drafter="none")
+    tokens = forwards = 0
+    for m in MESSAGES:
+        msgs = [{"role": "user", "content": m}]
+        out = llm.chat(msgs, max_tokens=96)
+        assert out.token_ids == plain.chat(msgs, max_tokens=96).token_ids, m
+        tokens += out.stats.completion_tokens - 1  # the first token comes from the prefill
+        forwards += out.stats.target_forwards
+    tau = tokens / forwards
+    print(f"{name}: tau {tau:.2f}")
+    assert tau >= FLOORS[name], f"{name}: tau {tau:.2f} below the floor {FLOORS[name]}"
