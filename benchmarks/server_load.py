@@ -123,7 +123,7 @@ def level(base: str, model: str, prompts: list[str], clients: int, requests: int
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma3-270m")
-    ap.add_argument("--drafters", default="none,mtp")
+    ap.add_argument("--drafters", default="none,ngram")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--prompts", default="../shared/prompts/spec_bench_dev.jsonl")
     ap.add_argument("--requests", type=int, default=16)

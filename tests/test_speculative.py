@@ -144,3 +144,28 @@ def test_adaptive_k_prefers_long_drafts_when_accepted():
         k = c.choose()
         c.update(k, 0, 1.0 + 0.3 * k)  # nothing accepted, drafts costly
     assert c.choose() <= 2
+
+
+@pytest.mark.parametrize("ngram", [False, True])
+def test_batch_engine_rows_match_single_runs(target, ngram):
+    """The server's batch engine with batched MTP drafting (alone or behind n-gram lookup): every
+    request gets the tokens plain decoding gives it alone, with rows joining and finishing at
+    different times and only the busy rows computed."""
+    from aheadlm.server.batching import BatchEngine, Request
+
+    plain = Engine(target)
+    expected = [run(plain, p, max_tokens=12 + 3 * i)[0] for i, p in enumerate(PROMPTS)]
+    engine = BatchEngine(
+        target, drafter=random_drafter(target, seed=3), ngram=ngram, num_draft=3, slots=4, n_ctx=64, draft_max_batch=4
+    )
+    got = [[] for _ in PROMPTS]
+    pending = [
+        Request(p, SamplingParams(), 12 + 3 * i, (), emit=lambda toks, fin, i=i: got[i].extend(toks))
+        for i, p in enumerate(PROMPTS)
+    ]
+    engine.admit(pending.pop(0))
+    while engine.active or pending:
+        if pending and engine.has_free_slot():
+            engine.admit(pending.pop(0))  # joins while the first request is mid-generation
+        engine.step()
+    assert got == expected

@@ -12,7 +12,7 @@ the scratch slot S, which no query ever sees.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -190,6 +190,19 @@ class KVCache:
             self.v[layer][row, :, :used] = src.v[layer][src_row, :, :used]
         self.lengths[row] = n
         self._max_written[row] = src._max_written[src_row]
+
+    def first_rows(self, n: int) -> KVCache:
+        """A view of rows [0, n) sharing this cache's storage and bookkeeping, so that a batch whose
+        later rows are empty computes only the rows in use."""
+        if n == self.batch_size:
+            return self
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)  # the lengths lists are shared, not copied
+        view.batch_size = n
+        view.groups = {t: replace(g, pos=g.pos[:n]) for t, g in self.groups.items()}
+        view.k = [k[:n] for k in self.k]
+        view.v = [v[:n] for v in self.v]
+        return view
 
     def reset(self, row: int | None = None) -> None:
         rows = range(self.batch_size) if row is None else [row]

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..api import LLM, _StopMatcher
+from ..api import LLM, _StopMatcher, _through_stop
 from ..errors import AheadlmError, ContextLengthError
 from ..sampling import SamplingParams
 from ..tokenizer import TextStream
@@ -161,6 +161,7 @@ def create_app(state: ServerState) -> FastAPI:
         except QueueFull as e:
             raise APIError(503, str(e), "server_busy") from None
         text, matcher, done = TextStream(tok), _StopMatcher(stops), False
+        ids: list[int] = []
         deadline = time.monotonic() + state.timeout
         try:
             while True:
@@ -179,8 +180,11 @@ def create_app(state: ServerState) -> FastAPI:
                 out, hit = matcher.feed(delta)
                 if hit:
                     done = True
+                    # a round may have run past the stop string: count what plain decoding emits
+                    req.completion_tokens = len(ids) + len(_through_stop(tok, ids, tokens, stops))
                     yield out, "stop", req
                     return
+                ids.extend(tokens)
                 if finish:
                     done = True
                     yield out + matcher.flush(), finish, req
@@ -193,7 +197,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     def usage(req: EngineRequest) -> dict:
         s = req.stats
-        completion = len(req.tokens) - len(req.prompt) if req.tokens else 0
+        completion = req.completion_tokens
+        if completion is None:
+            completion = len(req.tokens) - len(req.prompt) if req.tokens else 0
         return {
             "prompt_tokens": s.prompt_tokens,
             "completion_tokens": completion,

@@ -44,6 +44,8 @@ class Request:
     hidden: torch.Tensor | None = None
     limit: int = 0
     ngram: NgramProposer | None = None
+    completion_tokens: int | None = None
+    """Set by the HTTP layer when a stop string ends the request (tokens through the stop)."""
 
 
 class BatchEngine:
@@ -56,8 +58,12 @@ class BatchEngine:
         num_draft: int = 4,
         slots: int = 8,
         n_ctx: int = 4096,
+        draft_max_batch: int = 3,
     ):
         self.model = model
+        self.draft_max_batch = draft_max_batch
+        """Draft only while at most this many requests run: a big batch already keeps the CPU
+        busy, and every row pays for the longest draft in the verify forward."""
         self.drafter = drafter
         self.ngram = ngram
         self.num_draft = num_draft if (drafter is not None or ngram) else 0
@@ -143,13 +149,12 @@ class BatchEngine:
         if not active:
             return
         t0 = time.perf_counter()
-        budget = {
-            r.row: max(0, min(self.num_draft, self.n_ctx - len(r.tokens), r.limit - len(r.tokens) - 1)) for r in active
-        }
+        k = self.num_draft if len(active) <= self.draft_max_batch else 0
+        budget = {r.row: max(0, min(k, self.n_ctx - len(r.tokens), r.limit - len(r.tokens) - 1)) for r in active}
         drafts, probs = self._propose(active, budget)
         td = time.perf_counter()
         K = 1 + max(len(drafts[r.row]) for r in active)
-        B = len(self.rows)
+        B = 1 + max(r.row for r in active)  # rows past the last busy one are not computed
         x = torch.zeros(B, K, dtype=torch.long)
         pos = torch.full((B, K), -1, dtype=torch.long)
         for r in active:
@@ -157,7 +162,7 @@ class BatchEngine:
             n = len(r.tokens)
             x[r.row, : len(seq)] = torch.tensor(seq)
             pos[r.row, : len(seq)] = torch.arange(n - 1, n - 1 + len(seq))
-        _, hidden = self.model(x.to(self.device), pos.to(self.device), self.cache, num_logits=0)
+        _, hidden = self.model(x.to(self.device), pos.to(self.device), self.cache.first_rows(B), num_logits=0)
         # Logits only for real positions: padding costs the output head nothing.
         index = [(r.row, i) for r in active for i in range(1 + len(drafts[r.row]))]
         rows_idx = torch.tensor([a for a, _ in index])
@@ -196,13 +201,13 @@ class BatchEngine:
         k = max((budget[r.row] for r in active), default=0)
         if self.drafter is None or k == 0:
             return drafts, probs
-        d, B = self.drafter, len(self.rows)
+        d, B = self.drafter, 1 + max(r.row for r in active)
         pos = torch.full((B,), -1, dtype=torch.long)
         tok = torch.zeros(B, dtype=torch.long)
         h = torch.zeros(B, self.model.config.hidden_size, dtype=d.dtype)
         for r in active:
             pos[r.row], tok[r.row], h[r.row] = len(r.tokens) - 1, r.tokens[-1], r.hidden
-        ctx = d.round_context(self.model, self.cache, pos.to(self.device))
+        ctx = d.round_context(self.model, self.cache.first_rows(B), pos.to(self.device))
         qs: dict[int, list[torch.Tensor]] = {r.row: [] for r in active}
         for j in range(k):
             head_in, h = d.step(self.model, tok.to(self.device), h, ctx)

@@ -20,6 +20,7 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--slots", type=int, default=8, help="requests decoded together (batch rows)")
+    p.add_argument("--draft-max-batch", type=int, default=3, help="speculate only while at most this many requests run")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--n-ctx", type=int, default=4096, help="context per request")
@@ -43,6 +44,7 @@ def build_state(a) -> ServerState:
         ngram=lookup,
         num_draft=a.draft_tokens,
         slots=a.slots,
+        draft_max_batch=a.draft_max_batch,
         n_ctx=llm.engine.n_ctx,
     )
     from ..registry import resolve
