@@ -136,14 +136,14 @@ class LLM:
         steps = self.engine.generate(ids, params, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats)
         text = TextStream(self.tokenizer)
         matcher = _StopMatcher(stops)
-        emitted: list[int] = []
         for step in steps:
             delta = text.push(step.token_ids)
             if step.finish_reason:
                 delta += text.flush()
             step.text, hit = matcher.feed(delta)
             if hit:
-                kept = _through_stop(self.tokenizer, emitted, step.token_ids, stops)
+                before = text.ids[: len(text.ids) - len(step.token_ids)]
+                kept = _through_stop(self.tokenizer, before, step.token_ids, stops)
                 if stats is not None:
                     stats.completion_tokens -= len(step.token_ids) - len(kept)
                 step.token_ids = kept
@@ -151,7 +151,6 @@ class LLM:
                 steps.close()
                 yield step
                 return
-            emitted.extend(step.token_ids)
             if step.finish_reason:
                 step.text += matcher.flush()
             yield step

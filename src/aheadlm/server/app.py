@@ -161,7 +161,6 @@ def create_app(state: ServerState) -> FastAPI:
         except QueueFull as e:
             raise APIError(503, str(e), "server_busy") from None
         text, matcher, done = TextStream(tok), _StopMatcher(stops), False
-        ids: list[int] = []
         deadline = time.monotonic() + state.timeout
         try:
             while True:
@@ -181,10 +180,10 @@ def create_app(state: ServerState) -> FastAPI:
                 if hit:
                     done = True
                     # a round may have run past the stop string: count what plain decoding emits
-                    req.completion_tokens = len(ids) + len(_through_stop(tok, ids, tokens, stops))
+                    before = text.ids[: len(text.ids) - len(tokens)]
+                    req.completion_tokens = len(before) + len(_through_stop(tok, before, tokens, stops))
                     yield out, "stop", req
                     return
-                ids.extend(tokens)
                 if finish:
                     done = True
                     yield out + matcher.flush(), finish, req
