@@ -82,3 +82,138 @@ def hf_reference(name: str):
         tmp.rename(out)
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(str(out))
+
+
+GEMMA4_FAMILIES = {
+    # E2B-like: per-layer embeddings, KV sharing, double-wide MLP in shared layers, 2:1 pattern
+    "e2b": dict(
+        num_hidden_layers=6,
+        num_key_value_heads=1,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        num_kv_shared_layers=3,
+        hidden_size_per_layer_input=16,
+        vocab_size_per_layer_input=256,
+        use_double_wide_mlp=True,
+    ),
+    # 31B-like: V = K on full layers with fewer global KV heads
+    "31b": dict(
+        num_hidden_layers=4,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    ),
+    # 26B-A4B-like: mixture of experts beside the dense MLP, k_eq_v
+    "moe": dict(
+        num_hidden_layers=4,
+        num_key_value_heads=2,
+        num_global_key_value_heads=1,
+        attention_k_eq_v=True,
+        enable_moe_block=True,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=32,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    ),
+}
+
+
+def tiny_gemma4_text_config(family: str):
+    from transformers import Gemma4TextConfig
+
+    kw = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=8,
+        max_position_embeddings=512,
+        final_logit_softcapping=30.0,
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+    )
+    kw.update(GEMMA4_FAMILIES[family])
+    return Gemma4TextConfig(**kw)
+
+
+def _randomize(model, std: float | None = None):
+    """Noisy norms and layer scalars (and, with `std`, larger matrices) so every weight matters."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif std is not None and p.dim() == 2:
+                p.normal_(0.0, std)
+        for name, b in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
+    return model.float().eval()
+
+
+def tiny_gemma4(family: str, seed: int = 0):
+    """A small random Gemma 4 text model of one family (the oracle)."""
+    from transformers import Gemma4ForCausalLM
+
+    torch.manual_seed(seed)
+    return _randomize(Gemma4ForCausalLM(tiny_gemma4_text_config(family)))
+
+
+def tiny_gemma4_assistant(target_config, seed: int = 0, ordered: bool = True):
+    """A random `gemma4_assistant` shaped to read `target_config`'s K/V (2 Q-only layers)."""
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
+
+    torch.manual_seed(seed)
+    t = target_config
+    sliding, full = t.per_layer_config["sliding_attention"], t.per_layer_config["full_attention"]
+    text = Gemma4TextConfig(
+        vocab_size=t.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=sliding.num_key_value_heads,
+        num_global_key_value_heads=full.num_key_value_heads,
+        attention_k_eq_v=t.attention_k_eq_v,
+        head_dim=sliding.head_dim,
+        global_head_dim=full.head_dim,
+        sliding_window=t.sliding_window,
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+        hidden_size_per_layer_input=0,
+        vocab_size_per_layer_input=0,
+    )
+    cfg = Gemma4AssistantConfig(
+        text_config=text,
+        backbone_hidden_size=t.hidden_size,
+        use_ordered_embeddings=ordered,
+        num_centroids=16,
+        centroid_intermediate_top_k=4,
+    )
+    model = Gemma4AssistantForCausalLM(cfg)
+    if ordered:
+        model.masked_embedding.token_ordering.copy_(torch.randperm(t.vocab_size))
+    return _randomize(model, std=0.3)
+
+
+@torch.no_grad()
+def reference_drafts(hf_target, assistant, ids: list[int], k: int) -> list[int]:
+    """transformers' assistant round, as its MTP candidate generator runs it, from the state where
+    the target has processed ids[:-1] and ids[-1] is the newest token (position len(ids) - 1)."""
+    x = torch.tensor([ids])
+    out = hf_target(x[:, :-1], output_hidden_states=True, return_shared_kv_states=True, use_cache=False)
+    h, kv = out.hidden_states[-1][:, -1:], dict(out.shared_kv_states)
+    tok, pos = x[:, -1:], torch.tensor([[len(ids) - 1]])
+    embed = hf_target.get_input_embeddings()
+    drafts = []
+    for _ in range(k):
+        o = assistant(
+            inputs_embeds=torch.cat([embed(tok), h], -1),
+            position_ids=pos,
+            shared_kv_states=kv,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            use_cache=False,
+        )
+        tok, h = o.logits.argmax(-1), o.last_hidden_state
+        drafts.append(int(tok))
+    return drafts

@@ -41,9 +41,29 @@ _HF_LAYER = {
     "mlp.gate_proj": "mlp.gate",
     "mlp.up_proj": "mlp.up",
     "mlp.down_proj": "mlp.down",
+    # Gemma 4
+    "layer_scalar": "layer_scalar",
+    "per_layer_input_gate": "ple_gate",
+    "per_layer_projection": "ple_proj",
+    "post_per_layer_input_norm": "ple_norm",
+    "router.scale": "router.scale",
+    "router.per_expert_scale": "router.per_expert_scale",
+    "router.proj": "router.proj",
+    "experts.gate_up_proj": "experts.gate_up_proj",
+    "experts.down_proj": "experts.down_proj",
+    "post_feedforward_layernorm_1": "post_mlp_norm_1",
+    "pre_feedforward_layernorm_2": "pre_moe_norm",
+    "post_feedforward_layernorm_2": "post_moe_norm",
+}
+_HF_TOP = {
+    "embed_tokens.weight": "embed.weight",
+    "norm.weight": "norm.weight",
+    "embed_tokens_per_layer.weight": "embed_per_layer.weight",
+    "per_layer_model_projection.weight": "per_layer_proj.weight",
+    "per_layer_projection_norm.weight": "per_layer_norm.weight",
 }
 _HF_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
-_HF_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
+_HF_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+?)(\.weight|\.bias)?$")
 
 
 def hf_to_ours(name: str, arch: str) -> str | None:
@@ -56,19 +76,17 @@ def hf_to_ours(name: str, arch: str) -> str | None:
             break
     else:
         return None
-    if name == "embed_tokens.weight":
-        return "embed.weight"
-    if name == "norm.weight":
-        return "norm.weight"
+    if name in _HF_TOP:
+        return _HF_TOP[name]
     m = _HF_LAYER_RE.match(name)
     if not m:
         return None
     i, mod, kind = m.groups()
     if mod == "post_attention_layernorm":
-        mod = "post_attn_norm" if arch == "gemma3" else "mlp_norm"
+        mod = "mlp_norm" if arch == "llama" else "post_attn_norm"
     else:
         mod = _HF_LAYER.get(mod)
-    return None if mod is None else f"layers.{i}.{mod}.{kind}"
+    return None if mod is None else f"layers.{i}.{mod}{kind or ''}"
 
 
 def hf_state_dict(tensors, config: ModelConfig):
@@ -187,16 +205,27 @@ def _load_cached_dir(d: Path):
     return config, QTensor.collect(tensors).items(), Tokenizer.load(d)
 
 
-def _hf_folder(path: Path):
-    from safetensors import SafetensorError, safe_open
-
+def hf_config(path: Path) -> ModelConfig:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise ModelNotFoundError(f"{path}: no config.json (expected a Hugging Face model folder)")
     try:
-        config = from_hf_config(json.loads(cfg_file.read_text()))
-    except (KeyError, json.JSONDecodeError) as e:
+        raw = json.loads(cfg_file.read_text())
+        config = from_hf_config(raw)
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise WeightsError(f"{cfg_file}: malformed config ({e})") from None
+    towers = [k.removesuffix("_config") for k in ("vision_config", "audio_config") if raw.get(k)]
+    if towers:
+        status(f"{path.name}: loading the text model only ({' and '.join(towers)} towers are skipped)")
+    return config
+
+
+def hf_folder_weights(path: Path, config: ModelConfig, only: set[str] | None = None):
+    """Our (name, tensor) pairs from a folder's safetensors shards, read lazily one tensor at a
+    time in the stored dtype (bf16 checkpoints stay bf16 and are packed, not widened); `only`
+    limits the reading to those of our names."""
+    from safetensors import SafetensorError, safe_open
+
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise WeightsError(f"{path}: no *.safetensors files")
@@ -206,11 +235,18 @@ def _hf_folder(path: Path):
             try:
                 with safe_open(str(fp), framework="pt") as f:
                     for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                        yield k, f.get_tensor(k)
+                        ours = hf_to_ours(k, config.arch)
+                        if ours is not None and (only is None or ours in only):
+                            yield k, f.get_tensor(k)
             except (SafetensorError, OSError) as e:
                 raise WeightsError(f"{fp}: corrupt or truncated safetensors file ({e})") from None
 
-    return config, hf_state_dict(tensors(), config), Tokenizer.load(path)
+    return hf_state_dict(tensors(), config)
+
+
+def _hf_folder(path: Path):
+    config = hf_config(path)
+    return config, hf_folder_weights(path, config), Tokenizer.load(path)
 
 
 def load_checkpoint(path: str | os.PathLike):
@@ -235,3 +271,41 @@ def load_checkpoint(path: str | os.PathLike):
 def load_model(path, dtype=torch.float32, device="cpu") -> tuple[Transformer, Tokenizer]:
     config, tensors, tokenizer = load_checkpoint(path)
     return build_model(config, tensors, dtype, device), tokenizer
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    """A model's config without loading its weights (GGUF metadata or config.json)."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelNotFoundError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / "aheadlm_tokenizer.json").exists():
+            return ModelConfig.from_dict(json.loads((p / "config.json").read_text()))
+        return hf_config(p)
+    from .gguf_file import GGUFFile
+
+    return GGUFFile(p).config()
+
+
+def summary(config: ModelConfig, context: int = 4096) -> dict:
+    """Parameter count and memory estimates: weights at 2 bytes (bf16, how Hugging Face folders
+    stay packed) and 4 bytes (float32), and the float32 KV cache for `context` tokens."""
+    kv = 0
+    for layer, t in enumerate(config.layer_types):
+        if config.kv_source(layer) != layer:
+            continue  # KV-shared layers store nothing
+        slots = context if t != "sliding" or not config.sliding_window else min(context, config.sliding_window + 256)
+        kv += 2 * slots * config.type_kv_heads(t) * config.type_head_dim(t) * 4
+    n = config.num_params
+    return {
+        "arch": config.arch,
+        "params": n,
+        "params_b": round(n / 1e9, 3),
+        "layers": config.num_layers,
+        "hidden": config.hidden_size,
+        "vocab": config.vocab_size,
+        "context": config.max_position,
+        "weights_gib_bf16": round(n * 2 / 2**30, 2),
+        "weights_gib_fp32": round(n * 4 / 2**30, 2),
+        f"kv_cache_mib_{context}": round(kv / 2**20, 1),
+    }

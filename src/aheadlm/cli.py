@@ -1,4 +1,4 @@
-"""Command line: `aheadlm generate | chat | models | bench | serve | train-drafter`.
+"""Command line: `aheadlm generate | chat | models | bench | serve | train-drafter | export-drafter`.
 
 aheadlm generate "The history of the printing press begins" --max-tokens 64 --stats
 """
@@ -142,25 +142,39 @@ def cmd_chat(a: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": "".join(reply).strip()})
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else str(n)
+
+
 def cmd_models(a: argparse.Namespace) -> int:
+    from .checkpoint import read_config, summary
     from .registry import REGISTRY, installed, resolve_registered
 
     rows = []
-    for name, reg in REGISTRY.items():
+    for name, reg in [] if a.paths else REGISTRY.items():
         row = {"name": name, "description": reg.description, "installed": installed(name)}
         if row["installed"]:
             path = resolve_registered(name)
             row["path"] = str(path)
             row["file_mb"] = round(path.stat().st_size / 2**20, 1)
+            row.update(summary(read_config(path)))
         else:
             row["install"] = reg.install
         rows.append(row)
+    for p in a.paths:
+        rows.append({"name": Path(p).name, "path": p, "installed": True, **summary(read_config(p))})
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
     for r in rows:
-        where = f"{r['file_mb']} MiB  {r['path']}" if r["installed"] else f"not installed: {r['install']}"
-        print(f"{r['name']:<14} {r['description']:<36} {where}")
+        if not r["installed"]:
+            print(f"{r['name']:<14} {r.get('description', ''):<36} not installed: {r['install']}")
+            continue
+        kv = next(v for k, v in r.items() if k.startswith("kv_cache_mib_"))
+        print(
+            f"{r['name']:<14} {r['arch']:<7} {_count(r['params']):>7} params  weights {r['weights_gib_bf16']} GiB bf16"
+            f" / {r['weights_gib_fp32']} GiB fp32  KV {kv} MiB per 4k tokens  {r['path']}"
+        )
     return 0
 
 
@@ -174,6 +188,23 @@ def cmd_bench(a: argparse.Namespace) -> int:
         Path(a.json).write_text(json.dumps(result, indent=1))
     if a.plot:
         plot(result, a.plot)
+    return 0
+
+
+def cmd_export_drafter(a: argparse.Namespace) -> int:
+    from .checkpoint import hf_config, hf_folder_weights
+    from .drafter import load_drafter
+    from .errors import UnsupportedModelError
+    from .gemma4_assistant import export_assistant
+
+    if not Path(a.model).is_dir():
+        raise UnsupportedModelError(f"{a.model}: export-drafter needs the Gemma 4 target's Hugging Face folder")
+    config = hf_config(Path(a.model))
+    name = "embed.weight" if config.tie_embeddings else "lm_head.weight"
+    head = dict(hf_folder_weights(Path(a.model), config, only={name}))[name]  # only the output head is read
+    drafter = load_drafter(a.drafter, config)
+    out = export_assistant(drafter, config, head, a.out)
+    print(f"wrote a gemma4_assistant drafter to {out}")
     return 0
 
 
@@ -228,7 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.add_arguments(t)
     t.set_defaults(func=train_cli.run)
 
-    m = sub.add_parser("models", help="list registered and installed models")
+    e = sub.add_parser("export-drafter", help="write a trained drafter as a Gemma 4 assistant (transformers, vLLM)")
+    e.add_argument("--model", "-m", required=True, help="the Gemma 4 target (Hugging Face folder)")
+    e.add_argument("--drafter", required=True, help="drafter folder written by train-drafter")
+    e.add_argument("--out", required=True, help="output folder (gemma4_assistant layout)")
+    e.set_defaults(func=cmd_export_drafter)
+
+    m = sub.add_parser("models", help="list registered models, or describe model files/folders")
+    m.add_argument("paths", nargs="*", help="GGUF files or Hugging Face folders to describe instead")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_models)
     return parser

@@ -60,6 +60,13 @@ class DrafterConfig:
     target_arch: str = ""
     target_layer_types: tuple[str, ...] = ()
     """The target's layer types, recorded to refuse a drafter built for another model."""
+    head_dim_full: int = 0
+    """Head dim of layers reading full-attention K/V (Gemma 4: 512); 0 = head_dim."""
+    num_kv_heads_full: int = 0
+    """KV heads of the target's full-attention layers; 0 = num_kv_heads."""
+    sliding_keys: int = 0
+    """How many cached positions before the query a sliding layer sees; 0 = the target's window
+    minus one (the query's own position is not cached). Gemma 4 assistants see window + 1."""
 
     def __post_init__(self):
         if not self.layer_types:
@@ -84,6 +91,10 @@ class DrafterConfig:
             num_heads=target.num_heads,
             num_kv_heads=target.num_kv_heads,
             head_dim=target.head_dim,
+            head_dim_full=target.head_dim_full,
+            num_kv_heads_full=target.num_kv_heads_full,
+            # Gemma 4 targets get the reference assistant's window, so exported drafters match it
+            sliding_keys=target.sliding_window + 1 if target.arch == "gemma4" and target.sliding_window else 0,
             vocab_size=target.vocab_size,
             layer_types=types,
             rms_norm_eps=target.rms_norm_eps,
@@ -95,6 +106,18 @@ class DrafterConfig:
         base.update(kw)
         return cls(**base)
 
+    def type_head_dim(self, layer_type: str) -> int:
+        return self.head_dim_full if layer_type == FULL and self.head_dim_full else self.head_dim
+
+    def type_kv_heads(self, layer_type: str) -> int:
+        return self.num_kv_heads_full if layer_type == FULL and self.num_kv_heads_full else self.num_kv_heads
+
+    def window(self, target: ModelConfig, layer_type: str) -> int | None:
+        """Window of the read view (keys strictly before the query and within it) of a layer type."""
+        if layer_type != SLIDING:
+            return None
+        return self.sliding_keys + 1 if self.sliding_keys else target.sliding_window
+
     def check_target(self, target: ModelConfig) -> None:
         """Refuse a drafter that was trained for a different target."""
         problems = []
@@ -102,12 +125,15 @@ class DrafterConfig:
             problems.append(f"hidden size {self.target_hidden} != {target.hidden_size}")
         if self.vocab_size != target.vocab_size:
             problems.append(f"vocabulary {self.vocab_size} != {target.vocab_size}")
-        if self.num_kv_heads != target.num_kv_heads or self.head_dim != target.head_dim:
-            problems.append("KV heads/head_dim differ from the target's")
         if self.target_layer_types and self.target_layer_types != target.layer_types:
             problems.append("layer types differ")
         if any(t not in target.layer_types for t in self.layer_types):
             problems.append("reads a layer type the target does not have")
+        elif any(
+            self.type_kv_heads(t) != target.type_kv_heads(t) or self.type_head_dim(t) != target.type_head_dim(t)
+            for t in set(self.layer_types)
+        ):
+            problems.append("KV heads/head_dim differ from the target's")
         if problems:
             raise DrafterMismatchError("drafter does not belong to this target: " + "; ".join(problems))
 
@@ -125,7 +151,7 @@ class DraftLayer(nn.Module):
 
     def __init__(self, cfg: DrafterConfig, layer_type: str):
         super().__init__()
-        h, d = cfg.hidden_size, cfg.head_dim
+        h, d = cfg.hidden_size, cfg.type_head_dim(layer_type)
         eps = cfg.rms_norm_eps
         self.layer_type = layer_type
         self.n_heads, self.head_dim, self.scale = cfg.num_heads, d, cfg.query_scale
@@ -210,7 +236,7 @@ class MTPDrafter(nn.Module):
         for t in set(self.config.layer_types):
             inv = getattr(target, f"inv_freq_{t}")
             rope[t] = rope_tables(inv, pos, target.embed_dtype())
-            view = cache.read_view(t, pos, strict=True)
+            view = cache.read_view(t, pos, strict=True, window=self.config.window(tcfg, t))
             k, v = cache.read(tcfg.last_layer_of(t), view.end)
             kv[t] = (k, v, view)
         return RoundContext(rope, kv)
@@ -265,10 +291,14 @@ def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu"
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from . import gemma4_assistant as g4
+
     d = Path(directory)
+    assistant = g4.is_assistant_folder(d)
     try:
-        cfg = DrafterConfig.from_dict(json.loads((d / "config.json").read_text()))
-    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raw = json.loads((d / "config.json").read_text())
+        cfg = g4.assistant_config(raw, target_config) if assistant else DrafterConfig.from_dict(raw)
+    except (OSError, json.JSONDecodeError, TypeError, KeyError) as e:
         raise WeightsError(f"{d}: not a drafter folder ({e})") from None
     cfg.check_target(target_config)
     with torch.device("meta"):
@@ -277,12 +307,24 @@ def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu"
         state = load_file(str(d / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise WeightsError(f"{d}/model.safetensors: corrupt or missing ({e})") from None
+    # our own folders ship bf16; an assistant's weights are packed to bf16 only when stored so
+    bf16 = True
+    if assistant:
+        state, bf16 = g4.assistant_state(state.items(), cfg)
     state = {k: (v.float() if v.is_floating_point() else v.long()).to(device) for k, v in state.items()}
     missing = set(drafter.state_dict()) - set(state)
     if missing:
         raise WeightsError(f"{d}: drafter weights lack {sorted(missing)[:3]}")
+    unexpected = set(state) - set(drafter.state_dict())
+    if unexpected:
+        raise WeightsError(f"{d}: unexpected drafter weights {sorted(unexpected)[:3]}")
+    shapes = {k: tuple(v.shape) for k, v in drafter.state_dict().items()}
+    bad = [k for k, v in state.items() if tuple(v.shape) != shapes[k]]
+    if bad:
+        k = bad[0]
+        raise WeightsError(f"{d}: drafter tensor {k} has shape {tuple(state[k].shape)}, expected {shapes[k]}")
     drafter.load_state_dict(state, assign=True, strict=True)
-    if str(device) == "cpu":
+    if str(device) == "cpu" and bf16:
         pack_linears(drafter)
     return drafter.eval()
 

@@ -82,9 +82,16 @@ class KVCache:
             size = window + max_step if ring else max_len
             pos = torch.full((batch_size, size + 1), -1, dtype=torch.long, device=device)
             self.groups[t] = Group(size, ring, window, pos)
-        shape = lambda t: (batch_size, config.num_kv_heads, self.groups[t].size + 1, config.head_dim)  # noqa: E731
-        self.k = [torch.zeros(shape(t), dtype=dtype, device=device) for t in config.layer_types]
-        self.v = [torch.zeros(shape(t), dtype=dtype, device=device) for t in config.layer_types]
+        self.k, self.v = [], []
+        for layer, t in enumerate(config.layer_types):
+            src = config.kv_source(layer)
+            if src != layer:  # KV-shared layers read their source layer's tensors
+                self.k.append(self.k[src])
+                self.v.append(self.v[src])
+                continue
+            shape = (batch_size, config.type_kv_heads(t), self.groups[t].size + 1, config.type_head_dim(t))
+            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def length(self) -> int:
@@ -93,7 +100,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        unique = {id(t): t for t in self.k + self.v}.values()
+        return sum(t.numel() * t.element_size() for t in unique)
 
     def prepare(self, positions: torch.Tensor) -> dict[str, AttnView]:
         """Reserve slots for new tokens at `positions` [B, T] (each row's valid positions consecutive
@@ -126,11 +134,15 @@ class KVCache:
             views[name] = AttnView(slots, end, positions, g.pos[:, :end], g.window)
         return views
 
-    def read_view(self, layer_type: str, qpos: torch.Tensor, strict: bool = True) -> AttnView:
-        """A read-only view of one layer type's slots for queries at `qpos` [B, T] (the drafter)."""
+    def read_view(
+        self, layer_type: str, qpos: torch.Tensor, strict: bool = True, window: int | None = None
+    ) -> AttnView:
+        """A read-only view of one layer type's slots for queries at `qpos` [B, T] (the drafter),
+        with the layers' own window unless `window` is given (it may exceed it by up to
+        `max_step - 1`: the ring keeps that much more)."""
         g = self.groups[layer_type]
         end = min(g.size, max(self._max_written) + 1) if g.ring else max(self.lengths)
-        return AttnView(None, end, qpos, g.pos[:, :end], g.window, strict)
+        return AttnView(None, end, qpos, g.pos[:, :end], window or g.window, strict)
 
     def write(self, layer: int, view: AttnView, k: torch.Tensor, v: torch.Tensor):
         """Store new `k`, `v` [B, kv_heads, T, head_dim] and return the readable K/V slices."""
@@ -185,6 +197,8 @@ class KVCache:
             g.pos[row].fill_(-1)
             g.pos[row, :used] = sg.pos[src_row, :used]
         for layer, t in enumerate(self.config.layer_types):
+            if self.config.kv_source(layer) != layer:
+                continue
             used = self.groups[t].size if self.groups[t].ring else n
             self.k[layer][row, :, :used] = src.k[layer][src_row, :, :used]
             self.v[layer][row, :, :used] = src.v[layer][src_row, :, :used]

@@ -14,6 +14,7 @@ from torch import nn
 from .config import FULL, SLIDING, ModelConfig
 from .kernels import cpu_kernels
 from .kv_cache import AttnView, KVCache
+from .moe import Experts, Router
 
 
 class RMSNorm(nn.Module):
@@ -80,51 +81,74 @@ class Embedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Grouped-query attention of one layer. Gemma 4 variants: a per-type head dim and KV head
+    count, V normalised without scale, V = K projection (`k_eq_v`), and KV-shared layers that
+    have queries only and attend over the K/V an earlier layer wrote to the cache."""
+
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        h, d = cfg.hidden_size, cfg.head_dim
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        t = cfg.layer_types[layer] if cfg.layer_types else FULL
+        h, d = cfg.hidden_size, cfg.type_head_dim(t)
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.type_kv_heads(t), d
         self.scale = cfg.query_scale
+        self.shared = cfg.kv_source(layer) != layer
+        self.k_eq_v = cfg.k_eq_v and t == FULL
+        self.eps = cfg.rms_norm_eps
         self.q = nn.Linear(h, self.n_heads * d, bias=cfg.attention_bias)
-        self.k = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
-        self.v = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
+        self.names = ["q"]
+        if not self.shared:
+            self.k = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
+            self.names.append("k")
+            if not self.k_eq_v:
+                self.v = nn.Linear(h, self.n_kv * d, bias=cfg.attention_bias)
+                self.names.append("v")
         self.o = nn.Linear(self.n_heads * d, h, bias=False)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm and not self.shared else None
+        self.value_norm = cfg.value_norm
         self.qkv = None
 
     def fuse(self, fuse_fn) -> None:
-        """Replace q/k/v by one fused projection (inference only)."""
-        self.qkv = fuse_fn([self.q, self.k, self.v])
+        """Replace the input projections by one fused projection (inference only)."""
+        self.qkv = fuse_fn([getattr(self, n) for n in self.names]) if len(self.names) > 1 else None
         if self.qkv is not None:
-            del self.q, self.k, self.v
+            for n in self.names:
+                delattr(self, n)
 
     def forward(self, x, rope, cache: KVCache, layer: int, view: AttnView):
         B, T, _ = x.shape
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         if self.qkv is not None:
-            nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-            q, k, v = self.qkv(x).split([nq, nkv, nkv], dim=-1)
+            parts = self.qkv(x).split([nq] + [nkv] * (len(self.names) - 1), dim=-1)
         else:
-            q, k, v = self.q(x), self.k(x), self.v(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+            parts = [getattr(self, n)(x) for n in self.names]
+        q = parts[0].view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q)
         cos, sin = rope
         q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        k_all, v_all = cache.write(layer, view, k, v)
+        if self.shared:
+            k_all, v_all = cache.read(layer, view.end)
+        else:
+            k = parts[1].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+            v = parts[-1].view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # k again when k_eq_v
+            if self.value_norm:
+                v = F.rms_norm(v.float(), (self.head_dim,), None, self.eps).to(v.dtype)
+            if self.k_norm is not None:
+                k = self.k_norm(k)
+            k = k * cos + rotate_half(k) * sin
+            k_all, v_all = cache.write(layer, view, k, v)
         out = attend(q, k_all, v_all, view, self.scale)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, intermediate: int | None = None):
         super().__init__()
-        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        i = intermediate or cfg.intermediate_size
+        self.gate = nn.Linear(cfg.hidden_size, i, bias=False)
+        self.up = nn.Linear(cfg.hidden_size, i, bias=False)
+        self.down = nn.Linear(i, cfg.hidden_size, bias=False)
         self.gelu = cfg.activation == "gelu_tanh"
         self.gate_up = None
 
@@ -143,23 +167,45 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
-        eps = cfg.rms_norm_eps
-        self.attn_norm = RMSNorm(cfg.hidden_size, eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.hidden_size, eps)
-        self.mlp = MLP(cfg)
+        eps, h = cfg.rms_norm_eps, cfg.hidden_size
+        self.attn_norm = RMSNorm(h, eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(h, eps)
+        self.mlp = MLP(cfg, cfg.layer_intermediate(layer))
         self.sandwich = cfg.sandwich_norm
         if self.sandwich:
-            self.post_attn_norm = RMSNorm(cfg.hidden_size, eps)
-            self.post_mlp_norm = RMSNorm(cfg.hidden_size, eps)
+            self.post_attn_norm = RMSNorm(h, eps)
+            self.post_mlp_norm = RMSNorm(h, eps)
+        self.moe = cfg.num_experts > 0
+        if self.moe:
+            self.router = Router(cfg)
+            self.experts = Experts(cfg)
+            self.post_mlp_norm_1 = RMSNorm(h, eps)
+            self.pre_moe_norm = RMSNorm(h, eps)
+            self.post_moe_norm = RMSNorm(h, eps)
+        self.per_layer = cfg.per_layer_dim > 0
+        if self.per_layer:
+            self.ple_gate = nn.Linear(h, cfg.per_layer_dim, bias=False)
+            self.ple_proj = nn.Linear(cfg.per_layer_dim, h, bias=False)
+            self.ple_norm = RMSNorm(h, eps)
+        self.layer_scalar = nn.Parameter(torch.ones(1)) if cfg.layer_scalar else None
 
-    def forward(self, x, rope, cache, layer, view):
+    def forward(self, x, rope, cache, layer, view, per_layer_input=None):
         a = self.attn(self.attn_norm(x), rope, cache, layer, view)
         x = x + (self.post_attn_norm(a) if self.sandwich else a)
         m = self.mlp(self.mlp_norm(x))
-        return x + (self.post_mlp_norm(m) if self.sandwich else m)
+        if self.moe:
+            flat = x.reshape(-1, x.shape[-1])
+            weights, idx = self.router(flat)
+            e = self.experts(self.pre_moe_norm(flat), weights, idx).view_as(x)
+            m = self.post_mlp_norm_1(m) + self.post_moe_norm(e)
+        x = x + (self.post_mlp_norm(m) if self.sandwich else m)
+        if self.per_layer:
+            g = F.gelu(self.ple_gate(x), approximate="tanh") * per_layer_input
+            x = x + self.ple_norm(self.ple_proj(g))
+        return x if self.layer_scalar is None else x * self.layer_scalar
 
 
 class Transformer(nn.Module):
@@ -167,8 +213,13 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.per_layer_dim:  # Gemma 4 per-layer embeddings: a token table plus a projection of x
+            width = cfg.num_layers * cfg.per_layer_dim
+            self.embed_per_layer = Embedding(cfg.per_layer_vocab, width)
+            self.per_layer_proj = nn.Linear(cfg.hidden_size, width, bias=False)
+            self.per_layer_norm = RMSNorm(cfg.per_layer_dim, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.init_rope()
 
@@ -177,7 +228,7 @@ class Transformer(nn.Module):
         cfg = self.config
         ropes = {FULL: cfg.rope_full, SLIDING: cfg.rope_sliding}
         for t in cfg.group_types:
-            inv = ropes[t].inv_freq(cfg.head_dim)
+            inv = ropes[t].inv_freq(cfg.type_head_dim(t))
             inv = inv if device is None else inv.to(device)
             self.register_buffer(f"inv_freq_{t}", inv, persistent=False)
 
@@ -217,6 +268,15 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         return x
 
+    def per_layer_inputs(self, tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Gemma 4 per-layer inputs [B, T, layers, per_layer_dim]: (norm(proj(x) / sqrt(H)) + token
+        table * sqrt(P)) / sqrt(2)."""
+        cfg = self.config
+        shape = (*tokens.shape, cfg.num_layers, cfg.per_layer_dim)
+        table = self.embed_per_layer(tokens).to(x.dtype) * torch.tensor(cfg.per_layer_dim**0.5, dtype=x.dtype)
+        proj = self.per_layer_norm((self.per_layer_proj(x) * cfg.hidden_size**-0.5).view(shape))
+        return (proj + table.view(shape)) * 2.0**-0.5
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary scores from post-norm hidden states (softcapped when configured)."""
         out = self.lm_head(hidden) if self.lm_head is not None else self.embed.attend(hidden)
@@ -236,10 +296,11 @@ class Transformer(nn.Module):
         (all when None, none when 0), post-norm hidden `[B, T, H]`)."""
         views = cache.prepare(positions)
         x = self.embed_tokens(tokens)
+        per_layer = self.per_layer_inputs(tokens, x) if self.config.per_layer_dim else None
         ropes = {t: rope_tables(getattr(self, f"inv_freq_{t}"), positions, x.dtype) for t in views}
         for i, block in enumerate(self.layers):
             t = self.config.layer_types[i]
-            x = block(x, ropes[t], cache, i, views[t])
+            x = block(x, ropes[t], cache, i, views[t], None if per_layer is None else per_layer[:, :, i])
         hidden = self.norm(x)
         if num_logits == 0:
             return None, hidden

@@ -230,6 +230,20 @@ class DraftModelProposer(Proposer):
         self.fed = self.fed[:keep]
 
 
+def _assistant_beside(model_path: str | None):
+    """Google ships each Gemma 4 assistant as `<model>-assistant`; one found beside a model folder
+    is its drafter by default."""
+    from pathlib import Path
+
+    from .gemma4_assistant import is_assistant_folder
+
+    if not model_path or not Path(model_path).is_dir():
+        return None
+    p = Path(model_path).resolve()
+    candidate = p.with_name(p.name + "-assistant")
+    return candidate if is_assistant_folder(candidate) else None
+
+
 def make_proposer(
     spec: str | None,
     target: Transformer,
@@ -253,6 +267,12 @@ def make_proposer(
     device = next(target.parameters()).device
     if spec is None:
         reg = REGISTRY.get(model_name or "")
+        sibling = _assistant_beside(model_name)
+        if reg is None and sibling is not None:
+            from .progress import status
+
+            status(f"using the MTP drafter {sibling} (pass --drafter none to turn it off)")
+            return MTPProposer(load_drafter(sibling, target.config, device), threshold)
         if reg is None:  # a model we have not measured: plain decoding
             return None
         spec = reg.default_proposer

@@ -70,7 +70,7 @@ class Tables:
         self.head = self.embed if head is embed else head.float().to(device)
         self.inv_freq = {
             t: (target_config.rope_full if t != SLIDING else target_config.rope_sliding)
-            .inv_freq(target_config.head_dim)
+            .inv_freq(target_config.type_head_dim(t))
             .to(device)
             for t in target_config.group_types
         }
@@ -114,9 +114,10 @@ def sequence_loss(
     kpos = torch.arange(L, device=device)[None]
     ctx = RoundContext({}, {})
     for t, (k, v) in seq.kv.items():
-        k = k.to(device).float().view(1, L, tcfg.num_kv_heads, tcfg.head_dim).transpose(1, 2)
-        v = v.to(device).float().view(1, L, tcfg.num_kv_heads, tcfg.head_dim).transpose(1, 2)
-        window = tcfg.sliding_window if t == SLIDING else None
+        shape = (1, L, tcfg.type_kv_heads(t), tcfg.type_head_dim(t))
+        k = k.to(device).float().view(shape).transpose(1, 2)
+        v = v.to(device).float().view(shape).transpose(1, 2)
+        window = drafter.config.window(tcfg, t)
         ctx.kv[t] = (k, v, AttnView(None, L, P[None], kpos, window, strict=True))
         ctx.rope[t] = rope_tables(tables.inv_freq[t], P[None], torch.float32)
 
