@@ -292,3 +292,38 @@ def test_assistant_beside_the_model_is_the_default_drafter(saved, assistants, tm
     prop = make_proposer(None, ours, model_name=str(model_dir))
     assert isinstance(prop, MTPProposer) and prop.drafter.centroids is not None
     assert make_proposer("none", ours, model_name=str(model_dir)) is None
+
+
+def write_word_tokenizer(folder, vocab_size=256):
+    """A word-level tokenizer ("w3" .. "w255") so a tiny checkpoint runs through the text API."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True})
+    )
+
+
+def test_model_folder_with_assistant_beside_it_end_to_end(saved, assistants, tmp_path):
+    """The user's layout: gemma-4-X-it beside gemma-4-X-it-assistant. The Python API and the CLI
+    pick the assistant up and produce exactly the plain-decoding text."""
+    import aheadlm
+    from aheadlm.cli import main as cli_main
+
+    _, _, folder = saved["e2b"]
+    model_dir = tmp_path / "gemma-4-tiny-it"
+    shutil.copytree(folder, model_dir)
+    shutil.copytree(assistants["e2b"][2], tmp_path / "gemma-4-tiny-it-assistant")
+    write_word_tokenizer(model_dir)
+    prompt = "w17 w45 w99 w3 w200 w17 w45"
+    mtp = aheadlm.load(str(model_dir), draft_tokens=3)
+    assert isinstance(mtp.engine.proposer, MTPProposer)
+    plain = aheadlm.load(str(model_dir), drafter="none")
+    a, b = mtp.generate(prompt, max_tokens=20), plain.generate(prompt, max_tokens=20)
+    assert a.token_ids == b.token_ids and a.text == b.text and a.finish_reason == b.finish_reason
+    assert a.stats.drafted_by_position[0] > 0  # the assistant did draft
+    assert a.stats.target_forwards <= b.stats.target_forwards
+    assert cli_main(["generate", prompt, "--model", str(model_dir), "--max-tokens", "8", "--json"]) == 0

@@ -265,7 +265,7 @@ class MTPDrafter(nn.Module):
             return None, target.logits(head_in[None, None].to(target.embed_dtype()))[0, 0].float()
         ids = self.candidates(head_in[None])[0]
         if self.embed is not None:
-            return ids, (self.embed[ids].to(head_in.dtype) @ head_in).float()
+            return ids, (self.embed.index_select(0, ids).to(head_in.dtype) @ head_in).float()
         return ids, target.head_scores(head_in, ids)
 
     def logits(self, target, head_in: torch.Tensor) -> torch.Tensor:

@@ -250,7 +250,7 @@ class Transformer(nn.Module):
         """Logits of tokens `ids` [n] only, for one post-norm state h [H] -> [n] float32."""
         head = self.embed if self.lm_head is None else self.lm_head
         rows_linear = getattr(head, "rows_linear", None)
-        out = rows_linear(h, ids) if rows_linear else head.weight[ids].float() @ h.float()
+        out = rows_linear(h, ids) if rows_linear else head.weight.index_select(0, ids).float() @ h.float()
         cap = self.config.final_logit_softcap
         return torch.tanh(out / cap) * cap if cap else out
 
