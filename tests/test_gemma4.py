@@ -327,3 +327,32 @@ def test_model_folder_with_assistant_beside_it_end_to_end(saved, assistants, tmp
     assert a.stats.drafted_by_position[0] > 0  # the assistant did draft
     assert a.stats.target_forwards <= b.stats.target_forwards
     assert cli_main(["generate", prompt, "--model", str(model_dir), "--max-tokens", "8", "--json"]) == 0
+
+
+def test_server_with_gemma4_and_its_assistant(saved, assistants, tmp_path):
+    """`aheadlm serve` on a Gemma 4 folder drafts with the assistant in its batching engine and
+    returns what plain decoding returns."""
+    import argparse
+
+    from fastapi.testclient import TestClient
+
+    import aheadlm
+    from aheadlm.server import cli as server_cli
+    from aheadlm.server.app import create_app
+
+    model_dir = tmp_path / "gemma-4-tiny-it"
+    shutil.copytree(saved["e2b"][2], model_dir)
+    shutil.copytree(assistants["e2b"][2], tmp_path / "gemma-4-tiny-it-assistant")
+    write_word_tokenizer(model_dir)
+    p = argparse.ArgumentParser()
+    server_cli.add_arguments(p)
+    state = server_cli.build_state(p.parse_args(["-m", str(model_dir), "--slots", "2", "--n-ctx", "256"]))
+    assert state.scheduler.engine.drafter is not None
+    prompts = ["w17 w45 w99 w3 w200", "w5 w6 w7 w8 w9 w10 w11"]
+    plain = aheadlm.load(str(model_dir), drafter="none")
+    with TestClient(create_app(state)) as client:
+        for prompt in prompts:
+            body = {"model": state.name, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+            r = client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == plain.generate(prompt, max_tokens=12).text
