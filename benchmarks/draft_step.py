@@ -31,6 +31,38 @@ def median_ms(fn, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def time_steps(target, cache, ids, hidden, drafters: dict, k: int, reps: int, draft_reps: int) -> dict:
+    """Median ms of one decode step, one verification of k + 1 tokens (both after the cached
+    `ids`, rolled back after each run) and one step of each drafter (label -> drafter) at the
+    last token, and each draft step as a fraction of a decode step."""
+    n = len(ids)
+
+    def decode():
+        target(torch.tensor([[ids[-1]]]), torch.tensor([[n]]), cache)
+        cache.trim(n)
+
+    def verify():
+        target(torch.tensor([ids[-k - 1 :]]), torch.arange(n, n + k + 1)[None], cache)
+        cache.trim(n)
+
+    ctx = next(iter(drafters.values())).round_context(target, cache, torch.tensor([n - 1]))
+    h, tok = hidden[:, -2], torch.tensor([ids[-1]])
+
+    def step(d):
+        def run():
+            head_in, _ = d.step(target, tok, h, ctx)
+            d.scores(target, head_in[0])
+
+        return run
+
+    rows = {"target_decode_ms": median_ms(decode, reps), f"target_verify_{k + 1}_tokens_ms": median_ms(verify, reps)}
+    for label, d in drafters.items():
+        rows[f"draft_step_{label}_ms"] = median_ms(step(d), draft_reps)
+    for label in drafters:
+        rows[f"{label}_vs_decode"] = rows[f"draft_step_{label}_ms"] / rows["target_decode_ms"]
+    return rows
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -45,38 +77,11 @@ def main() -> None:
     ids = (llm.tokenizer.encode("The history of the printing press begins with movable type. ") * 30)[:200]
     cache = KVCache(t.config, 512)
     _, hidden = t(torch.tensor([ids]), torch.arange(len(ids))[None], cache)
-    n = len(ids)
-
-    def decode():
-        t(torch.tensor([[ids[-1]]]), torch.tensor([[n]]), cache)
-        cache.trim(n)
-
-    def verify():
-        t(torch.tensor([ids[-a.k - 1 :]]), torch.arange(n, n + a.k + 1)[None], cache)
-        cache.trim(n)
-
     clustered = load_drafter(a.drafter, t.config)
     dense = load_drafter(a.drafter, t.config)
     dense.centroids = None  # scores then run the target's head over the whole vocabulary
-    ctx = clustered.round_context(t, cache, torch.tensor([n - 1]))
-    h = hidden[:, -2]
-    tok = torch.tensor([ids[-1]])
-
-    def step(d):
-        def run():
-            head_in, _ = d.step(t, tok, h, ctx)
-            d.scores(t, head_in[0])
-
-        return run
-
-    rows = {
-        "target_decode_ms": median_ms(decode, a.reps),
-        f"target_verify_{a.k + 1}_tokens_ms": median_ms(verify, a.reps),
-        "draft_step_clustered_ms": median_ms(step(clustered), a.reps),
-        "draft_step_dense_ms": median_ms(step(dense), a.reps),
-    }
-    rows["clustered_vs_decode"] = rows["draft_step_clustered_ms"] / rows["target_decode_ms"]
-    rows["dense_vs_decode"] = rows["draft_step_dense_ms"] / rows["target_decode_ms"]
+    drafters = {"clustered": clustered, "dense": dense}
+    rows = time_steps(t, cache, ids, hidden, drafters, a.k, a.reps, a.reps)
     out = {"model": a.model, "drafter": a.drafter, "threads": torch.get_num_threads(), **rows}
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}, indent=1))
     if a.json:

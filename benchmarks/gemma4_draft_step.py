@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 
 import torch
+from draft_step import time_steps  # a sibling script (benchmarks/ is on sys.path when run)
 
 from aheadlm.checkpoint import build_model
 from aheadlm.config import from_hf_config
@@ -114,16 +114,6 @@ def random_target(shape: str) -> Transformer:
     return model
 
 
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
-
-
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -142,15 +132,6 @@ def main() -> None:
     hidden = None
     for s in range(0, a.context, 64):  # prefill in chunks
         _, hidden = target(torch.tensor([ids[s : s + 64]]), torch.arange(s, min(s + 64, a.context))[None], cache)
-    n = a.context
-
-    def decode():
-        target(torch.tensor([[ids[-1]]]), torch.tensor([[n]]), cache)
-        cache.trim(n)
-
-    def verify():
-        target(torch.tensor([ids[-a.k - 1 :]]), torch.arange(n, n + a.k + 1)[None], cache)
-        cache.trim(n)
 
     dcfg = assistant_config(assistant(a.shape), cfg)
     centroid = MTPDrafter(dcfg).init_weights(0.02, torch.Generator().manual_seed(2)).eval()
@@ -159,24 +140,7 @@ def main() -> None:
     dense = copy.copy(centroid)  # the same weights ...
     dense._modules = dict(centroid._modules)
     dense.centroids = None  # ... scoring the whole tied table
-    ctx = centroid.round_context(target, cache, torch.tensor([n - 1]))
-    h, tok = hidden[:, -2], torch.tensor([ids[-1]])
-
-    def step(d):
-        def run():
-            head_in, _ = d.step(target, tok, h, ctx)
-            d.scores(target, head_in[0])
-
-        return run
-
-    rows = {
-        "target_decode_ms": median_ms(decode, a.reps),
-        f"target_verify_{a.k + 1}_tokens_ms": median_ms(verify, a.reps),
-        "draft_step_centroid_ms": median_ms(step(centroid), a.reps * 4),
-        "draft_step_dense_ms": median_ms(step(dense), a.reps * 4),
-    }
-    rows["centroid_vs_decode"] = rows["draft_step_centroid_ms"] / rows["target_decode_ms"]
-    rows["dense_vs_decode"] = rows["draft_step_dense_ms"] / rows["target_decode_ms"]
+    rows = time_steps(target, cache, ids, hidden, {"centroid": centroid, "dense": dense}, a.k, a.reps, a.reps * 4)
     out = {
         "shape": a.shape,
         "target_params": cfg.num_params,

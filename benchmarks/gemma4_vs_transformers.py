@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from draft_step import median_ms  # noqa: E402
 from gemma4_draft_step import TARGETS, assistant  # noqa: E402
 
 from aheadlm.checkpoint import build_model, hf_state_dict  # noqa: E402
@@ -28,16 +27,6 @@ from aheadlm.config import from_hf_config  # noqa: E402
 from aheadlm.drafter import MTPDrafter, pack_linears  # noqa: E402
 from aheadlm.gemma4_assistant import assistant_config, assistant_state  # noqa: E402
 from aheadlm.kv_cache import KVCache  # noqa: E402
-
-
-def timed(fn, reps):
-    fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return 1000 * statistics.median(out)
 
 
 @torch.inference_mode()
@@ -86,7 +75,7 @@ def main() -> None:
         hf(torch.tensor([[5]]), past_key_values=cache, use_cache=True, position_ids=torch.tensor([[pos[0]]]))
         pos[0] += 1
 
-    hf_decode = timed(hf_step, a.reps)
+    hf_decode = median_ms(hf_step, a.reps)
     h, kv = out.hidden_states[-1][:, -1:], dict(out.shared_kv_states)
     emb = hf.get_input_embeddings()
 
@@ -99,7 +88,7 @@ def main() -> None:
         )
         int(o.logits.argmax())
 
-    hf_draft_ms = timed(hf_draft, a.reps * 4)
+    hf_draft_ms = median_ms(hf_draft, a.reps * 4)
     # aheadlm
     kvc = KVCache(config, a.context + 64, max_step=64)
     hidden = None
@@ -111,7 +100,7 @@ def main() -> None:
         ours(torch.tensor([[5]]), torch.tensor([[n[0]]]), kvc)
         n[0] += 1
 
-    our_decode = timed(our_step, a.reps)
+    our_decode = median_ms(our_step, a.reps)
     kvc.trim(a.context)
     ctx = drafter.round_context(ours, kvc, torch.tensor([a.context]))
     hh = hidden[:, -1]
@@ -121,7 +110,7 @@ def main() -> None:
         ids_, s = drafter.scores(ours, head_in[0])
         int(s.argmax())
 
-    our_draft_ms = timed(our_draft, a.reps * 4)
+    our_draft_ms = median_ms(our_draft, a.reps * 4)
     res = {
         "shape": "e2b",
         "context": a.context,

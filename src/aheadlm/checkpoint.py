@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ModelConfig, from_hf_config
+from .config import SLIDING, ModelConfig, from_hf_config
 from .errors import ModelNotFoundError, UnsupportedModelError, WeightsError
+from .kv_cache import DEFAULT_MAX_STEP
 from .model import Embedding, Transformer
 from .packed import PackedEmbedding, PackedLinear, QTensor, dense, fuse, packable
 from .progress import progress, status
@@ -294,7 +295,8 @@ def summary(config: ModelConfig, context: int = 4096) -> dict:
     for layer, t in enumerate(config.layer_types):
         if config.kv_source(layer) != layer:
             continue  # KV-shared layers store nothing
-        slots = context if t != "sliding" or not config.sliding_window else min(context, config.sliding_window + 256)
+        ring = config.sliding_window + DEFAULT_MAX_STEP if t == SLIDING and config.sliding_window else context
+        slots = min(context, ring)
         kv += 2 * slots * config.type_kv_heads(t) * config.type_head_dim(t) * 4
     n = config.num_params
     return {

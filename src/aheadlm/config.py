@@ -15,6 +15,11 @@ SLIDING = "sliding"
 ARCHITECTURES = ("gemma3", "gemma4", "llama")
 
 
+def per_type(layer_type: str, value: int, full_value: int) -> int:
+    """A shape that full-attention layers may override (Gemma 4): `full_value` when set there."""
+    return full_value if layer_type == FULL and full_value else value
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding of one layer type."""
@@ -153,10 +158,10 @@ class ModelConfig:
         return self.last_layer_of(self.layer_types[layer])
 
     def type_head_dim(self, layer_type: str) -> int:
-        return self.head_dim_full if layer_type == FULL and self.head_dim_full else self.head_dim
+        return per_type(layer_type, self.head_dim, self.head_dim_full)
 
     def type_kv_heads(self, layer_type: str) -> int:
-        return self.num_kv_heads_full if layer_type == FULL and self.num_kv_heads_full else self.num_kv_heads
+        return per_type(layer_type, self.num_kv_heads, self.num_kv_heads_full)
 
     def layer_intermediate(self, layer: int) -> int:
         shared = self.kv_source(layer) != layer

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import FULL, SLIDING, ModelConfig
+from .config import FULL, SLIDING, ModelConfig, per_type
 from .errors import DrafterMismatchError, WeightsError
 from .kv_cache import AttnView
 from .model import RMSNorm, attend, rope_tables, rotate_half
@@ -107,10 +107,10 @@ class DrafterConfig:
         return cls(**base)
 
     def type_head_dim(self, layer_type: str) -> int:
-        return self.head_dim_full if layer_type == FULL and self.head_dim_full else self.head_dim
+        return per_type(layer_type, self.head_dim, self.head_dim_full)
 
     def type_kv_heads(self, layer_type: str) -> int:
-        return self.num_kv_heads_full if layer_type == FULL and self.num_kv_heads_full else self.num_kv_heads
+        return per_type(layer_type, self.num_kv_heads, self.num_kv_heads_full)
 
     def window(self, target: ModelConfig, layer_type: str) -> int | None:
         """Window of the read view (keys strictly before the query and within it) of a layer type."""
@@ -294,11 +294,11 @@ def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu"
     from . import gemma4_assistant as g4
 
     d = Path(directory)
-    assistant = g4.is_assistant_folder(d)
     try:
         raw = json.loads((d / "config.json").read_text())
+        assistant = raw.get("model_type") == g4.MODEL_TYPE
         cfg = g4.assistant_config(raw, target_config) if assistant else DrafterConfig.from_dict(raw)
-    except (OSError, json.JSONDecodeError, TypeError, KeyError) as e:
+    except (OSError, json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
         raise WeightsError(f"{d}: not a drafter folder ({e})") from None
     cfg.check_target(target_config)
     with torch.device("meta"):
@@ -312,13 +312,13 @@ def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu"
     if assistant:
         state, bf16 = g4.assistant_state(state.items(), cfg)
     state = {k: (v.float() if v.is_floating_point() else v.long()).to(device) for k, v in state.items()}
-    missing = set(drafter.state_dict()) - set(state)
+    shapes = {k: tuple(v.shape) for k, v in drafter.state_dict().items()}
+    missing = set(shapes) - set(state)
     if missing:
         raise WeightsError(f"{d}: drafter weights lack {sorted(missing)[:3]}")
-    unexpected = set(state) - set(drafter.state_dict())
+    unexpected = set(state) - set(shapes)
     if unexpected:
         raise WeightsError(f"{d}: unexpected drafter weights {sorted(unexpected)[:3]}")
-    shapes = {k: tuple(v.shape) for k, v in drafter.state_dict().items()}
     bad = [k for k, v in state.items() if tuple(v.shape) != shapes[k]]
     if bad:
         k = bad[0]
@@ -343,12 +343,14 @@ def pack_linears(module: nn.Module) -> None:
 def save_drafter(drafter: MTPDrafter, directory: str | Path, record: dict | None = None) -> None:
     from safetensors.torch import save_file
 
+    from .packed import dense_state_dict
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {
         # bf16 weights and int32 token ids halve the shipped size; loading widens them again
         k: (v.to(torch.bfloat16) if v.is_floating_point() else v.to(torch.int32)).contiguous()
-        for k, v in drafter.state_dict().items()
+        for k, v in dense_state_dict(drafter).items()
     }
     save_file(state, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=1))

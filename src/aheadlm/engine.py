@@ -12,7 +12,7 @@ import torch
 
 from . import speculative
 from .errors import ContextLengthError, InvalidRequestError
-from .kv_cache import KVCache
+from .kv_cache import DEFAULT_MAX_STEP, KVCache
 from .model import Transformer
 from .outputs import GenerationStats, Step
 from .proposers import Proposer
@@ -32,7 +32,7 @@ class Engine:
         proposer: Proposer | None = None,
         spec: SpecConfig | None = None,
         n_ctx: int | None = None,
-        max_step: int = 256,
+        max_step: int = DEFAULT_MAX_STEP,
     ):
         self.model = model
         self.proposer = proposer

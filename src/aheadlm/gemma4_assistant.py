@@ -19,6 +19,7 @@ import torch
 from .config import FULL, SLIDING, ModelConfig, gemma4_full_overrides, rope_from_hf
 from .drafter import DrafterConfig, MTPDrafter
 from .errors import DrafterMismatchError, UnsupportedModelError, WeightsError
+from .packed import dense_state_dict
 
 # transformers' assistant parameter names (after "model.layers.{i}.") -> ours (after "layers.{i}.")
 _LAYER = {
@@ -45,9 +46,12 @@ _TOP = {
 }
 
 
+MODEL_TYPE = "gemma4_assistant"
+
+
 def is_assistant_folder(d: Path) -> bool:
     try:
-        return json.loads((d / "config.json").read_text()).get("model_type") == "gemma4_assistant"
+        return json.loads((d / "config.json").read_text()).get("model_type") == MODEL_TYPE
     except (OSError, json.JSONDecodeError):
         return False
 
@@ -126,11 +130,7 @@ def export_assistant(drafter: MTPDrafter, target: ModelConfig, target_head: torc
         raise UnsupportedModelError("only Gemma-4-shaped drafters (gelu, q-norm, query scale 1) can be exported")
     if c.window(target, SLIDING) != target.sliding_window + 2 and SLIDING in c.layer_types:
         raise UnsupportedModelError("the drafter's sliding window differs from a Gemma 4 assistant's")
-    # projections loaded for the CPU kernels keep their bf16 weight as `w16`
-    sd = {
-        k.removesuffix(".w16") + (".weight" if k.endswith(".w16") else ""): v.detach().float()
-        for k, v in drafter.state_dict().items()
-    }
+    sd = {k: v.detach().float() for k, v in dense_state_dict(drafter).items()}
     w_post = sd["post_projection.weight"]  # [H_target, H_d]
     tensors = {
         "pre_projection.weight": sd["pre_projection.weight"],

@@ -19,6 +19,9 @@ import torch
 from .config import SLIDING, ModelConfig
 from .errors import ContextLengthError
 
+DEFAULT_MAX_STEP = 256
+"""Most tokens one forward may add; a sliding layer's ring keeps window + this many slots."""
+
 
 @dataclass
 class Group:
@@ -67,7 +70,7 @@ class KVCache:
         batch_size: int = 1,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        max_step: int = 256,
+        max_step: int = DEFAULT_MAX_STEP,
     ):
         self.config = config
         self.max_len = max_len

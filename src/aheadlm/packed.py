@@ -113,6 +113,21 @@ class PackedLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
 
+def dense_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` with every PackedLinear given back as float32 `weight` (and `bias`),
+    i.e. the names and values of the module before packing."""
+    state = module.state_dict()
+    for name, child in module.named_modules():
+        if isinstance(child, PackedLinear):
+            prefix = f"{name}." if name else ""
+            for key in [k for k in state if k.startswith(prefix) and "." not in k[len(prefix) :]]:
+                del state[key]
+            state[f"{prefix}weight"] = child.dense_weight()
+            if child.bias is not None:
+                state[f"{prefix}bias"] = child.bias.detach()
+    return state
+
+
 class PackedEmbedding(nn.Module):
     """Embedding lookups (and the tied output head) from a packed table."""
 
