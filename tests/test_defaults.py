@@ -23,6 +23,8 @@ FLOORS = {"gemma3-270m": 1.8, "smollm2-135m": 1.1}
 def test_default_proposer_is_lossless_and_accepts(name):
     llm = aheadlm.load(name)
     assert llm.engine.proposer is not None and llm.engine.proposer.name == REGISTRY[name].default_proposer
+    assert llm.engine.spec.adaptive == REGISTRY[name].default_adaptive
+    assert not aheadlm.load(name, drafter="ngram").engine.spec.adaptive  # a named drafter keeps fixed k
     plain = aheadlm.load(name, drafter="none")
     tokens = forwards = 0
     for m in MESSAGES:

@@ -191,7 +191,7 @@ def load(
     *,
     drafter: str | os.PathLike | None = None,
     draft_tokens: int = 4,
-    adaptive: bool = False,
+    adaptive: bool | None = None,
     threshold: float = 0.0,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
@@ -201,7 +201,8 @@ def load(
 
     `drafter`: None (the model's shipped MTP drafter when there is one), "none", "ngram", "mtp",
     "draft:MODEL" or an MTP drafter folder. `draft_tokens` is k, the most drafts per round;
-    `adaptive` picks k per round for the best measured speed; `threshold` ends a round early when
+    `adaptive` picks k per round for the best measured speed (None: on when the registered model's
+    measured default uses it and no drafter is named); `threshold` ends a round early when
     the drafter's confidence falls below it."""
     if not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 32:
         raise InvalidRequestError(f"draft_tokens must be in 1..32, got {draft_tokens!r}")
@@ -218,6 +219,9 @@ def load(
         n_ctx=ctx,
         threshold=threshold,
     )
+    if adaptive is None:
+        reg = REGISTRY.get(str(model))
+        adaptive = drafter is None and reg is not None and reg.default_adaptive
     engine = Engine(net, proposer=proposer, spec=SpecConfig(draft_tokens, adaptive), n_ctx=n_ctx)
     name = str(model) if str(model) in REGISTRY else path.name
     return LLM(engine, tokenizer, name)

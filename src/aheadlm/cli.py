@@ -28,7 +28,12 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
         help="none | ngram | mtp | draft:MODEL | a drafter folder (default: the model's shipped MTP drafter)",
     )
     p.add_argument("--draft-tokens", "-k", type=int, default=4, help="most draft tokens per round")
-    p.add_argument("--adaptive", action="store_true", help="choose k per round for the best measured speed")
+    p.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="choose k per round for the best measured speed (default: as measured best for the model)",
+    )
     p.add_argument("--threshold", type=float, default=0.0, help="end a round when draft confidence drops below")
 
 

