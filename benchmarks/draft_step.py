@@ -31,6 +31,14 @@ def median_ms(fn, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def report(result: dict, json_path: str | None, digits: int = 3) -> None:
+    """Print a result with rounded floats; write it unrounded to `json_path` when given."""
+    print(json.dumps({k: round(v, digits) if isinstance(v, float) else v for k, v in result.items()}, indent=1))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def time_steps(target, cache, ids, hidden, drafters: dict, k: int, reps: int, draft_reps: int) -> dict:
     """Median ms of one decode step, one verification of k + 1 tokens (both after the cached
     `ids`, rolled back after each run) and one step of each drafter (label -> drafter) at the
@@ -83,10 +91,7 @@ def main() -> None:
     drafters = {"clustered": clustered, "dense": dense}
     rows = time_steps(t, cache, ids, hidden, drafters, a.k, a.reps, a.reps)
     out = {"model": a.model, "drafter": a.drafter, "threads": torch.get_num_threads(), **rows}
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    report(out, a.json)
 
 
 if __name__ == "__main__":

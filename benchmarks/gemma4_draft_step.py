@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 
 import torch
-from draft_step import time_steps  # a sibling script (benchmarks/ is on sys.path when run)
+from draft_step import report, time_steps  # a sibling script (benchmarks/ is on sys.path when run)
 
 from aheadlm.checkpoint import build_model
 from aheadlm.config import from_hf_config
@@ -150,10 +149,7 @@ def main() -> None:
         "build_seconds": round(build_s, 1),
         **rows,
     }
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+    report(out, a.json, digits=4)
 
 
 if __name__ == "__main__":

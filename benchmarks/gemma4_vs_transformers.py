@@ -12,14 +12,13 @@ one token per step), and one assistant draft step over the target's K/V.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from draft_step import median_ms  # noqa: E402
+from draft_step import median_ms, report  # noqa: E402
 from gemma4_draft_step import TARGETS, assistant  # noqa: E402
 
 from aheadlm.checkpoint import build_model, hf_state_dict  # noqa: E402
@@ -122,10 +121,7 @@ def main() -> None:
         "aheadlm_draft_step_ms": our_draft_ms,
         "draft_speedup": hf_draft_ms / our_draft_ms,
     }
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}, indent=1))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+    report(res, a.json)
 
 
 if __name__ == "__main__":
