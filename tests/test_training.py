@@ -122,3 +122,38 @@ def test_drafter_for_another_target_is_refused(setup, tmp_path):
     with pytest.raises(DrafterMismatchError, match="does not belong"):
         load_drafter(tmp_path / "d", other.config)
     shutil.rmtree(tmp_path / "d")
+
+
+def test_teacher_forced_shards(setup, tmp_path):
+    """Teacher forcing stores the target's own hidden states over the given text (as a plain
+    prefill computes them), every position a training target."""
+    target, _, _ = setup
+    from aheadlm.kv_cache import KVCache
+
+    g = torch.Generator().manual_seed(1)
+    texts = [torch.randint(0, 160, (n,), generator=g).tolist() for n in (9, 30, 17)]
+    paths = write_shards(target, texts, tmp_path, batch_size=2, per_shard=2, teacher_forced=True)
+    seqs = [s for p in paths for s in load_shard(p)]
+    assert [s.tokens[:-1].tolist() for s in seqs] == texts and all(s.n_prompt == 0 for s in seqs)
+    for text, s in zip(texts, seqs, strict=True):
+        cache = KVCache(target.config, len(text), max_step=len(text))
+        with torch.inference_mode():
+            logits, hidden = target(torch.tensor([text]), torch.arange(len(text))[None], cache, num_logits=1)
+        torch.testing.assert_close(s.hidden.float(), hidden[0].float(), rtol=1e-2, atol=1e-2)  # stored in bf16
+        assert int(s.tokens[-1]) == int(logits[0, -1].argmax())  # the target's own next token
+
+
+def test_corpus_sequences_are_whole_conversations():
+    from aheadlm.train.data import corpus_sequences
+
+    class Tok:  # encodes a character per token; the chat form joins the turns
+        def encode(self, text):
+            return [ord(c) % 160 for c in text]
+
+        def chat_ids(self, msgs):
+            return self.encode("|".join(m["content"] for m in msgs))
+
+    items = [[{"role": "user", "content": "q" * 50}, {"role": "assistant", "content": "a" * 80}], "t" * 300, "short"]
+    seqs = corpus_sequences(Tok(), items, tokens=10_000, max_len=200, min_len=20)
+    assert sorted(map(len, seqs)) == [131, 200]  # both turns kept; the text cut; "short" dropped
+    assert len(corpus_sequences(Tok(), items, tokens=100, max_len=200, min_len=20)) == 1  # stops at the budget

@@ -20,7 +20,7 @@ from ..progress import status
 from ..proposers import MTPProposer
 from ..speculative import SpecConfig
 from .clusters import balanced_clusters
-from .data import build_prompts, load_conversations
+from .data import build_prompts, corpus_sequences, load_conversations
 from .distill import load_shard, shard_seconds, write_shards
 from .trainer import Tables, TrainConfig, latest_checkpoint, train
 
@@ -36,6 +36,15 @@ def add_arguments(p) -> None:
     p.add_argument("--data", nargs="*", default=None, help="jsonl of messages, ShareGPT json or text files")
     p.add_argument("--data-dir", default=None, help="where self-distillation shards go (default OUT/data)")
     p.add_argument("--tokens", type=int, default=150_000, help="target-written tokens to generate")
+    p.add_argument(
+        "--corpus-tokens",
+        type=int,
+        default=0,
+        help="also teacher-force the target over this many tokens of whole corpus conversations "
+        "(a prefill only, several times cheaper per token than generating; the targets are still "
+        "the target's own hidden states)",
+    )
+    p.add_argument("--corpus-len", type=int, default=768, help="longest teacher-forced sequence")
     p.add_argument("--max-new-tokens", type=int, default=160, help="response length per prompt")
     p.add_argument("--max-prompt-tokens", type=int, default=192)
     p.add_argument("--gen-batch", type=int, default=32)
@@ -109,6 +118,18 @@ def run(a) -> int:
     sequences = [s for p in paths for s in load_shard(p)]
     written = sum(len(s.tokens) - s.n_prompt for s in sequences)
     status(f"{len(sequences)} sequences, {written} target-written tokens")
+    corpus_tokens, corpus_seconds = 0, 0.0
+    if a.corpus_tokens:
+        # conversations not used as prompts or for validation
+        max_len = min(a.corpus_len, tcfg.max_position)
+        texts = corpus_sequences(llm.tokenizer, items[8 + n_train :], tokens=a.corpus_tokens, max_len=max_len)
+        t0 = time.time()
+        cpaths = write_shards(target, texts, data_dir / "corpus", batch_size=a.gen_batch, teacher_forced=True)
+        corpus_seconds = max(time.time() - t0, shard_seconds(cpaths))
+        corpus = [s for p in cpaths for s in load_shard(p)]
+        corpus_tokens = sum(s.hidden.shape[0] for s in corpus)
+        status(f"{len(corpus)} teacher-forced sequences, {corpus_tokens} positions")
+        sequences += corpus
 
     # 3. drafter
     dcfg = DrafterConfig.for_target(
@@ -155,11 +176,14 @@ def run(a) -> int:
     record = {
         "target": a.model,
         "target_config": tcfg.to_dict(),
-        "data": DATA_NOTE if not a.data else f"prompts from {a.data}; responses written by the target",
+        "data": (DATA_NOTE if not a.data else f"prompts from {a.data}; responses written by the target")
+        + (" Plus whole corpus conversations read by the target (teacher forcing)." if a.corpus_tokens else ""),
         "sequences": len(sequences),
         "target_written_tokens": written,
         "positions": sum(s.hidden.shape[0] for s in sequences),
         "generation_seconds": round(gen_seconds, 1),
+        "teacher_forced_positions": corpus_tokens,
+        "teacher_forced_seconds": round(corpus_seconds, 1),
         "train": {k: state[k] for k in ("step", "anchors", "seconds", "evals", "last") if k in state},
         "train_config": state.get("config"),
         "validation_tau_k4": round(tau, 3),

