@@ -11,9 +11,11 @@ import torch
 from aheadlm.drafter import DrafterConfig, MTPDrafter, load_drafter, save_drafter
 from aheadlm.engine import Engine
 from aheadlm.errors import DrafterMismatchError, WeightsError
+from aheadlm.kv_cache import KVCache
 from aheadlm.proposers import MTPProposer
 from aheadlm.speculative import SpecConfig
 from aheadlm.train.clusters import balanced_clusters
+from aheadlm.train.data import corpus_sequences
 from aheadlm.train.distill import load_shard, write_shards
 from aheadlm.train.trainer import Tables, TrainConfig, latest_checkpoint, sequence_loss, train
 
@@ -128,8 +130,6 @@ def test_teacher_forced_shards(setup, tmp_path):
     """Teacher forcing stores the target's own hidden states over the given text (as a plain
     prefill computes them), every position a training target."""
     target, _, _ = setup
-    from aheadlm.kv_cache import KVCache
-
     g = torch.Generator().manual_seed(1)
     texts = [torch.randint(0, 160, (n,), generator=g).tolist() for n in (9, 30, 17)]
     paths = write_shards(target, texts, tmp_path, batch_size=2, per_shard=2, teacher_forced=True)
@@ -144,8 +144,6 @@ def test_teacher_forced_shards(setup, tmp_path):
 
 
 def test_corpus_sequences_are_whole_conversations():
-    from aheadlm.train.data import corpus_sequences
-
     class Tok:  # encodes a character per token; the chat form joins the turns
         def encode(self, text):
             return [ord(c) % 160 for c in text]
