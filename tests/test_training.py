@@ -10,7 +10,7 @@ import torch
 
 from aheadlm.drafter import DrafterConfig, MTPDrafter, load_drafter, save_drafter
 from aheadlm.engine import Engine
-from aheadlm.errors import DrafterMismatchError, WeightsError
+from aheadlm.errors import DrafterMismatchError, InvalidRequestError, WeightsError
 from aheadlm.kv_cache import KVCache
 from aheadlm.proposers import MTPProposer
 from aheadlm.speculative import SpecConfig
@@ -18,6 +18,7 @@ from aheadlm.train.clusters import balanced_clusters
 from aheadlm.train.data import corpus_sequences
 from aheadlm.train.distill import load_shard, write_shards
 from aheadlm.train.trainer import Tables, TrainConfig, latest_checkpoint, sequence_loss, train
+from aheadlm.train.warm_start import capture, warm_start
 
 from helpers import ours_from_hf, tiny_hf
 
@@ -155,3 +156,44 @@ def test_corpus_sequences_are_whole_conversations():
     seqs = corpus_sequences(Tok(), items, tokens=10_000, max_len=200, min_len=20)
     assert sorted(map(len, seqs)) == [131, 200]  # both turns kept; the text cut; "short" dropped
     assert len(corpus_sequences(Tok(), items, tokens=100, max_len=200, min_len=20)) == 1  # stops at the budget
+
+
+def test_warm_start_capture_is_aligned(setup):
+    # the residual entering layer 0 is the scaled embedding of the query token: X's first half
+    target, seqs, _ = setup
+    texts = [s.tokens.tolist() for s in seqs[:3]]
+    X, Y = capture(target, texts, layer=0, max_positions=10_000)
+    H = target.config.hidden_size
+    assert X.shape == (sum(len(t) - 1 for t in texts), 2 * H)
+    torch.testing.assert_close(Y, X[:, :H])
+    # and its second half the post-norm hidden of the previous position (shards store bf16)
+    torch.testing.assert_close(X[: len(seqs[0].tokens) - 2, H:], seqs[0].hidden[:-1].float(), atol=2e-2, rtol=1e-2)
+
+
+def test_warm_start_begins_from_the_target(setup):
+    target, seqs, _ = setup
+    tcfg = target.config
+    kw = dict(hidden_size=tcfg.hidden_size, intermediate_size=tcfg.intermediate_size, num_layers=1)
+    cfg = DrafterConfig.for_target(tcfg, **kw)
+    random_init = MTPDrafter(cfg).init_weights(0.02, torch.Generator().manual_seed(0))
+    warm = MTPDrafter(cfg).init_weights(0.02, torch.Generator().manual_seed(0))
+    err = warm_start(warm, target, [s.tokens.tolist() for s in seqs])
+    assert 0 <= err < 0.5
+    src = target.layers[tcfg.last_layer_of("full")]
+    torch.testing.assert_close(warm.layers[0].o.weight, src.attn.o.weight.float())
+    torch.testing.assert_close(warm.layers[0].post_mlp_norm.weight, src.post_mlp_norm.weight.float())
+    torch.testing.assert_close(warm.norm.weight, target.norm.weight.float())
+    tables, tc = Tables.from_model(target), TrainConfig(**CFG)
+
+    def loss(d):
+        with torch.no_grad():
+            return sum(float(sequence_loss(d, d, tables, s, tc, random.Random(0), "cpu")[0]) for s in seqs)
+
+    assert loss(warm) < 0.7 * loss(random_init)
+
+
+def test_warm_start_refuses_other_layer_shapes(setup):
+    target, _, _ = setup
+    narrow = new_drafter(target)  # width 32, not the target's
+    with pytest.raises(InvalidRequestError, match="cannot warm-start"):
+        warm_start(narrow, target, [[1, 2, 3]])

@@ -23,6 +23,7 @@ from .clusters import balanced_clusters
 from .data import build_prompts, corpus_sequences, load_conversations
 from .distill import load_shard, shard_seconds, write_shards
 from .trainer import Tables, TrainConfig, latest_checkpoint, train
+from .warm_start import check_compatible, warm_start
 
 N_VAL = 8
 """Conversations held out (the first after shuffling) for the validation tau."""
@@ -55,6 +56,13 @@ def add_arguments(p) -> None:
     p.add_argument("--hidden", type=int, default=512, help="drafter width")
     p.add_argument("--intermediate", type=int, default=1536)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument(
+        "--init",
+        choices=("auto", "target", "random"),
+        default="auto",
+        help="start the drafter from the target's last layer (target), from random weights (random), or "
+        "from the target where its layers allow it (auto)",
+    )
     p.add_argument("--centroids", type=int, default=0, help="clustered head with this many clusters (0 = dense)")
     p.add_argument("--centroid-top-k", type=int, default=32)
     p.add_argument("--steps", type=int, default=2000)
@@ -74,6 +82,26 @@ def _shards(target, texts, data_dir: Path, **kw) -> tuple[list, float]:
     t0 = time.time()
     paths = write_shards(target, texts, data_dir, **kw)
     return [s for p in paths for s in load_shard(p)], max(time.time() - t0, shard_seconds(paths))
+
+
+def _initialise(drafter, target, sequences, choice: str, skip: bool) -> tuple[str, float | None]:
+    """Warm-start the drafter from the target when asked (or, for `auto`, when the shapes allow).
+    A run resumed from a checkpoint keeps its trained weights."""
+    if skip or choice == "random":
+        return choice, None
+    try:
+        check_compatible(drafter, target)
+    except InvalidRequestError as e:
+        if choice == "target":
+            raise
+        status(f"{e}; starting from random weights")
+        return "random", None
+    # a spread of the training sequences: the fit needs varied positions, not many
+    texts = [s.tokens.tolist() for s in sequences[:: max(1, len(sequences) // 64)]]
+    t0 = time.time()
+    err = warm_start(drafter, target, texts)
+    status(f"warm start from the target's last layer: pre-projection fit error {err:.3f} ({time.time() - t0:.0f} s)")
+    return "target", err
 
 
 def make_evaluator(llm, prompts: list[list[int]], k: int = 4, max_tokens: int = 64):
@@ -150,6 +178,9 @@ def run(a) -> int:
         centroid_top_k=a.centroid_top_k,
     )
     drafter = MTPDrafter(dcfg).init_weights(0.02, torch.Generator().manual_seed(a.seed))
+    init, fit_error = _initialise(
+        drafter, target, sequences, a.init, skip=a.resume and latest_checkpoint(out) is not None
+    )
     tables = Tables.from_model(target, device)
     if a.centroids:
         cpath = out / "clusters.pt"
@@ -195,6 +226,7 @@ def run(a) -> int:
         "train": {k: state[k] for k in ("step", "anchors", "seconds", "evals", "last") if k in state},
         "train_config": state.get("config"),
         "validation_tau_k4": round(tau, 3),
+        "init": init if fit_error is None else {"from": init, "pre_projection_fit_error": round(fit_error, 4)},
     }
     save_drafter(drafter.to("cpu"), out, record)
     print(json.dumps({"out": str(out), "validation_tau_k4": round(tau, 3), "steps": state["step"]}))
