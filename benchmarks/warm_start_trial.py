@@ -5,7 +5,7 @@
 
 Both drafters get the target's width and MLP size (what warm start needs), train on the same
 shards in the same order for `--steps` steps of a schedule spanning `--schedule` steps, and are
-scored every 50 steps on 12 held-out teacher-forced conversations: per depth, how often the
+scored every 50 steps on 12 teacher-forced conversations held out from training: per depth, how often the
 drafter's choice among the training candidates (the sequence's tokens plus random negatives) is the
 target's own likeliest one.
 """
@@ -45,10 +45,12 @@ def main() -> None:
     tc = target.config
     root = Path(a.data_dir)
     corpus = sorted((root / "corpus").glob("shard_*.safetensors"))
-    held = load_shard(corpus[0])
-    random.Random(0).shuffle(held)
-    held = held[:12]
-    seqs = [s for path in sorted(root.glob("shard_*.safetensors"))[:4] + corpus[1:4] for s in load_shard(path)]
+    # one teacher-forced shard gives the held-out conversations and those the warm start is fitted
+    # on; training uses four generated and three other teacher-forced shards
+    spare = load_shard(corpus[3])
+    random.Random(0).shuffle(spare)
+    held, fit = spare[-12:], spare[:30]
+    seqs = [s for path in sorted(root.glob("shard_*.safetensors"))[:4] + corpus[4:7] for s in load_shard(path)]
     tables = Tables.from_model(target)
     ordering = None
     if a.clusters:
@@ -89,7 +91,7 @@ def main() -> None:
     for init, lr in (("target", 3e-4), ("random", 1e-3)):
         d = new_drafter()
         if init == "target":
-            warm_start(d, target, [s.tokens.tolist() for s in seqs[:: max(1, len(seqs) // 64)]])
+            warm_start(d, target, [s.tokens[:-1].tolist() for s in fit], max_positions=100_000)
         run_cfg = TrainConfig(**{**cfg.__dict__, "lr": lr})
         out = Path(tempfile.mkdtemp())
         curve, t0 = [{"step": 0, **score(d)}], time.time()
