@@ -197,3 +197,9 @@ def test_warm_start_refuses_other_layer_shapes(setup):
     narrow = new_drafter(target)  # width 32, not the target's
     with pytest.raises(InvalidRequestError, match="cannot warm-start"):
         warm_start(narrow, target, [[1, 2, 3]])
+    c = target.config
+    few_heads = MTPDrafter(
+        DrafterConfig.for_target(c, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_heads=2)
+    )
+    with pytest.raises(InvalidRequestError, match="query heads"):
+        warm_start(few_heads, target, [[1, 2, 3]])

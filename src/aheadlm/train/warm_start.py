@@ -46,6 +46,8 @@ def check_compatible(drafter: MTPDrafter, target: Transformer) -> None:
         problems.append("the drafter has its own head")
     if c.hidden_size != t.hidden_size:
         problems.append(f"drafter width {c.hidden_size} != target width {t.hidden_size}")
+    if c.num_heads != t.num_heads or any(c.type_head_dim(lt) != t.type_head_dim(lt) for lt in c.layer_types):
+        problems.append("query heads differ from the target's")
     if not t.sandwich_norm or t.num_experts or t.per_layer_dim or t.attention_bias:
         problems.append("the target's layers are not plain sandwich-norm layers")
     for lt in c.layer_types:
