@@ -13,17 +13,18 @@ target's own likeliest one.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from draft_step import report  # a sibling script (benchmarks/ is on sys.path when run)
 
 from aheadlm import api
 from aheadlm.drafter import DrafterConfig, MTPDrafter
+from aheadlm.train.clusters import use_clusters
 from aheadlm.train.distill import load_shard
 from aheadlm.train.trainer import Tables, TrainConfig, sequence_loss, train
 from aheadlm.train.warm_start import warm_start
@@ -52,10 +53,6 @@ def main() -> None:
     held, fit = spare[-12:], spare[:30]
     seqs = [s for path in sorted(root.glob("shard_*.safetensors"))[:4] + corpus[4:7] for s in load_shard(path)]
     tables = Tables.from_model(target)
-    ordering = None
-    if a.clusters:
-        ordering, cent = torch.load(a.clusters)
-        tables.set_clusters(ordering, a.centroids)
 
     def new_drafter() -> MTPDrafter:
         cfg = DrafterConfig.for_target(
@@ -67,10 +64,8 @@ def main() -> None:
             centroid_top_k=16,
         )
         d = MTPDrafter(cfg).init_weights(0.02, torch.Generator().manual_seed(0))
-        if ordering is not None:
-            d.token_ordering = ordering
-            with torch.no_grad():
-                d.centroids.weight.copy_(cent * tables.head.norm(dim=-1).mean())
+        if a.clusters:
+            use_clusters(d, tables, *torch.load(a.clusters))
         return d
 
     cfg = TrainConfig(steps=a.schedule, depth=4, max_anchors=256, checkpoint_every=50, eval_every=0)
@@ -92,18 +87,15 @@ def main() -> None:
         d = new_drafter()
         if init == "target":
             warm_start(d, target, [s.tokens[:-1].tolist() for s in fit], max_positions=100_000)
-        run_cfg = TrainConfig(**{**cfg.__dict__, "lr": lr})
-        out = Path(tempfile.mkdtemp())
         curve, t0 = [{"step": 0, **score(d)}], time.time()
-        for stop in range(50, a.steps + 1, 50):
-            d.train()
-            train(d, tables, seqs, run_cfg, out, resume=stop > 50, until=stop)
-            curve.append({"step": stop, **score(d)})
-            print(init, curve[-1], f"{time.time() - t0:.0f} s", flush=True)
-        shutil.rmtree(out, ignore_errors=True)
+        with tempfile.TemporaryDirectory() as out:
+            for stop in range(50, a.steps + 1, 50):
+                d.train()
+                train(d, tables, seqs, replace(cfg, lr=lr), Path(out), resume=stop > 50, until=stop)
+                curve.append({"step": stop, **score(d)})
+                print(init, curve[-1], f"{time.time() - t0:.0f} s", flush=True)
         result[init] = {"lr": lr, "curve": curve}
-    if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1))
+    report(result, a.json)
 
 
 if __name__ == "__main__":

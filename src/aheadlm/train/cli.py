@@ -19,7 +19,7 @@ from ..errors import InvalidRequestError
 from ..progress import status
 from ..proposers import MTPProposer
 from ..speculative import SpecConfig
-from .clusters import balanced_clusters
+from .clusters import balanced_clusters, use_clusters
 from .data import build_prompts, corpus_sequences, load_conversations
 from .distill import load_shard, shard_seconds, write_shards
 from .trainer import Tables, TrainConfig, latest_checkpoint, train
@@ -190,12 +190,8 @@ def run(a) -> int:
             status(f"clustering {tcfg.vocab_size} tokens into {a.centroids} clusters")
             ordering, cent = balanced_clusters(tables.head, a.centroids, seed=a.seed)
             torch.save((ordering, cent), cpath)
-        drafter.token_ordering = ordering
-        with torch.no_grad():
-            drafter.centroids.weight.copy_(cent * tables.head.norm(dim=-1).mean())
+        use_clusters(drafter, tables, ordering, cent)
     drafter.to(device)
-    if a.centroids:
-        tables.set_clusters(drafter.token_ordering, a.centroids)
     drafter.train()
 
     cfg = TrainConfig(

@@ -53,3 +53,13 @@ def balanced_clusters(
         owner[t] = c
     ordering = torch.argsort(owner * V + torch.arange(V), stable=True)
     return ordering, cent
+
+
+def use_clusters(drafter, tables, ordering: torch.Tensor, centroids: torch.Tensor) -> None:
+    """Give a clustered drafter head its token ordering and initial centroids (unit vectors scaled to
+    the head rows' mean norm, so centroid scores start on the scale of token scores), and tell the
+    trainer's `tables` each token's cluster."""
+    drafter.token_ordering = ordering
+    with torch.no_grad():
+        drafter.centroids.weight.copy_(centroids * tables.head.norm(dim=-1).mean())
+    tables.set_clusters(ordering.to(tables.head.device), drafter.config.num_centroids)
