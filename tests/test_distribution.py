@@ -1,7 +1,8 @@
 """Speculative sampling preserves the target distribution exactly.
 
 A tiny random target with a 12-token vocabulary, and drafters that are wrong part of the time (a
-random MTP drafter sampling from its own distribution q, and a noisy oracle with point-mass q).
+random MTP drafter sampling from its own distribution q, the same with a clustered head whose q
+covers only its candidates, and a noisy oracle with point-mass q).
 The empirical distribution of the first three sampled tokens is compared with the exact one,
 computed from the target's processed probabilities. Per-token bounds are 4 standard errors; with
 N = 40,000 (slow suite) that is at most 0.01 absolute, so a 1% bias fails.
@@ -81,7 +82,12 @@ class NoisyGreedy(Proposer):
 def drafters(target):
     cfg = DrafterConfig.for_target(target.config, hidden_size=16, intermediate_size=16, num_layers=1)
     mtp = MTPDrafter(cfg).init_weights(0.3, torch.Generator().manual_seed(1)).eval()
-    return {"mtp": MTPProposer(mtp), "point-mass": NoisyGreedy()}
+    # A clustered head drafts only among its candidates: q is zero outside them.
+    cfg = DrafterConfig.for_target(
+        target.config, hidden_size=16, intermediate_size=16, num_layers=1, num_centroids=4, centroid_top_k=2
+    )
+    clustered = MTPDrafter(cfg).init_weights(0.3, torch.Generator().manual_seed(2)).eval()
+    return {"mtp": MTPProposer(mtp), "mtp-clustered": MTPProposer(clustered), "point-mass": NoisyGreedy()}
 
 
 def check(target, proposer, params, n):

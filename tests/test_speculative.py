@@ -9,7 +9,7 @@ import torch
 
 from aheadlm.drafter import DrafterConfig, MTPDrafter
 from aheadlm.engine import Engine, GenerationStats
-from aheadlm.proposers import Draft, DraftModelProposer, MTPProposer, NgramProposer, Proposer
+from aheadlm.proposers import Draft, DraftModelProposer, HybridProposer, MTPProposer, NgramProposer, Proposer
 from aheadlm.sampling import SamplingParams
 from aheadlm.speculative import AdaptiveK, SpecConfig
 
@@ -65,6 +65,7 @@ def proposers_for(target):
         "mtp": MTPProposer(random_drafter(target)),
         "mtp-centroid": MTPProposer(random_drafter(target, num_centroids=16, centroid_top_k=4)),
         "ngram": NgramProposer(),
+        "ngram+mtp": HybridProposer(NgramProposer(), MTPProposer(random_drafter(target, seed=1)), fallback_k=2),
         "draft": DraftModelProposer(draft, n_ctx=512),
         "self": DraftModelProposer(target, n_ctx=512),
     }
@@ -146,6 +147,45 @@ def test_adaptive_k_prefers_long_drafts_when_accepted():
     assert c.choose() <= 2
 
 
+class Recorder(Proposer):
+    """Always drafts k copies of the last token and records each k it was asked for."""
+
+    name = "recorder"
+
+    def __init__(self):
+        self.asked: list[int] = []
+
+    def propose(self, state, k, params, generator):
+        self.asked.append(k)
+        return Draft([state.tokens[-1]] * k, source=self.name)
+
+
+def test_hybrid_caps_fallback_drafts_and_counts_rounds_by_source(target):
+    """Lookup drafts use the full k; the fallback is asked for at most fallback_k; every round is
+    counted under the proposer that drafted it."""
+    prompt = list(range(20, 40)) * 2 + [20]  # the first lookup copies 6 tokens
+    ref, _, _ = run(Engine(target), prompt, max_tokens=40)
+    lookup_lengths = []
+
+    class Lookup(NgramProposer):
+        def propose(self, state, k, params, generator):
+            draft = super().propose(state, k, params, generator)
+            lookup_lengths.append(len(draft.tokens))
+            return draft
+
+    rec = Recorder()
+    hybrid = HybridProposer(Lookup(), rec, fallback_k=2)
+    got, _, stats = run(Engine(target, proposer=hybrid, spec=SpecConfig(6)), prompt, max_tokens=40)
+    assert got == ref
+    assert max(lookup_lengths) == 6  # not capped
+    assert rec.asked and max(rec.asked) <= 2
+    by = stats.by_source
+    assert set(by) <= {"ngram", "recorder", ""} and "ngram" in by and "recorder" in by
+    assert sum(c[0] for c in by.values()) == stats.target_forwards
+    assert by["recorder"][1] == sum(rec.asked) <= 2 * by["recorder"][0]
+    assert sum(c[1] for c in by.values()) == stats.drafted and sum(c[2] for c in by.values()) == stats.accepted
+
+
 @pytest.mark.parametrize("ngram", [False, True])
 def test_batch_engine_rows_match_single_runs(target, ngram):
     """The server's batch engine with batched MTP drafting (alone or behind n-gram lookup): every
@@ -156,7 +196,14 @@ def test_batch_engine_rows_match_single_runs(target, ngram):
     plain = Engine(target)
     expected = [run(plain, p, max_tokens=12 + 3 * i)[0] for i, p in enumerate(PROMPTS)]
     engine = BatchEngine(
-        target, drafter=random_drafter(target, seed=3), ngram=ngram, num_draft=3, slots=4, n_ctx=64, draft_max_batch=4
+        target,
+        drafter=random_drafter(target, seed=3),
+        ngram=ngram,
+        num_draft=3,
+        slots=4,
+        n_ctx=64,
+        draft_max_batch=4,
+        fallback_k=2 if ngram else None,
     )
     got = [[] for _ in PROMPTS]
     pending = [

@@ -193,6 +193,7 @@ def load(
     draft_tokens: int = 4,
     adaptive: bool | None = None,
     threshold: float = 0.0,
+    fallback_k: int | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     n_ctx: int | None = None,
@@ -203,9 +204,12 @@ def load(
     "draft:MODEL" or an MTP drafter folder. `draft_tokens` is k, the most drafts per round;
     `adaptive` picks k per round for the best measured speed (None: on when the registered model's
     measured default uses it and no drafter is named); `threshold` ends a round early when
-    the drafter's confidence falls below it."""
+    the drafter's confidence falls below it; `fallback_k` caps the drafts of X in "ngram+X" when
+    lookup finds nothing (None: k)."""
     if not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 32:
         raise InvalidRequestError(f"draft_tokens must be in 1..32, got {draft_tokens!r}")
+    if fallback_k is not None and (not isinstance(fallback_k, int) or not 1 <= fallback_k <= 32):
+        raise InvalidRequestError(f"fallback_k must be in 1..32, got {fallback_k!r}")
     path = resolve(model)
     device = resolve_device(device)
     net, tokenizer = load_model(path, resolve_dtype(dtype), device)
@@ -218,6 +222,7 @@ def load(
         model_name=str(model),
         n_ctx=ctx,
         threshold=threshold,
+        fallback_k=fallback_k,
     )
     if adaptive is None:
         reg = REGISTRY.get(str(model))

@@ -76,6 +76,7 @@ class Tally:
     target_s: float = 0.0
     by_pos_drafted: list[int] = field(default_factory=list)
     by_pos_accepted: list[int] = field(default_factory=list)
+    by_source: dict[str, list[int]] = field(default_factory=dict)
     outputs: list[list[int]] = field(default_factory=list)
 
     def add(self, stats: GenerationStats, ids: list[int]) -> None:
@@ -93,6 +94,10 @@ class Tally:
                 self.by_pos_accepted.append(0)
             self.by_pos_drafted[i] += d
             self.by_pos_accepted[i] += a
+        for src, counts in stats.by_source.items():
+            mine = self.by_source.setdefault(src, [0, 0, 0])
+            for j, c in enumerate(counts):
+                mine[j] += c
         self.outputs.append(ids)
 
     def summary(self, base: Tally | None, greedy: bool) -> dict:
@@ -110,6 +115,14 @@ class Tally:
             "draft_s": round(self.draft_s, 3),
             "target_s": round(self.target_s, 3),
         }
+        if self.by_source and list(self.by_source) != [""]:
+            # Which proposer drafted each round ("" = none did), its share of rounds and the
+            # tokens it yielded per round (accepted + bonus).
+            rounds = sum(c[0] for c in self.by_source.values())
+            out["by_source"] = {
+                src or "none": {"rounds": c[0], "share": round(c[0] / rounds, 4), "tau": round(1 + c[2] / c[0], 3)}
+                for src, c in sorted(self.by_source.items())
+            }
         if base is not None:
             base_tps = base.tokens / base.decode_s if base.decode_s else 0.0
             out["speedup"] = round(tps / base_tps, 3) if base_tps else None
@@ -139,7 +152,13 @@ def run_bench(args) -> dict:
     target = llm.engine.model
     runners: dict[str, LLM] = {}
     for label, spec, k, adaptive in parse_methods(args.methods, args.draft_tokens, args.adaptive):
-        prop = None if spec == "none" else make_proposer(spec, target, model_name=args.model, threshold=args.threshold)
+        prop = (
+            None
+            if spec == "none"
+            else make_proposer(
+                spec, target, model_name=args.model, threshold=args.threshold, fallback_k=args.fallback_k
+            )
+        )
         if spec not in ("none",) and prop is None:
             raise InvalidRequestError(f"method {spec!r} has no drafter for {args.model}")
         runners[label] = LLM(Engine(target, proposer=prop, spec=SpecConfig(k, adaptive)), llm.tokenizer, llm.name)
@@ -193,6 +212,12 @@ def print_table(result: dict) -> None:
                 f"{label:<18}{c:<14}{s['tokens_per_s']:>8.2f}{s.get('speedup', 1.0) or 0:>9.2f}"
                 f"{s['mean_accepted_length']:>7.2f}{s['acceptance_rate']:>8.2f}  {s.get('identical_to_plain', '')}"
             )
+    for label, per in result["methods"].items():
+        if "by_source" in per["all"]:
+            parts = [
+                f"{src} {v['share']:.0%} of rounds, tau {v['tau']:.2f}" for src, v in per["all"]["by_source"].items()
+            ]
+            print(f"{label}: " + "; ".join(parts))
 
 
 def plot(result: dict, path: str) -> None:

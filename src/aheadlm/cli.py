@@ -35,6 +35,9 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
         help="choose k per round for the best measured speed (default: as measured best for the model)",
     )
     p.add_argument("--threshold", type=float, default=0.0, help="end a round when draft confidence drops below")
+    p.add_argument(
+        "--fallback-k", type=int, default=None, help="with ngram+X: most drafts of X when lookup finds nothing"
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -70,6 +73,7 @@ def _load(a: argparse.Namespace):
         draft_tokens=a.draft_tokens,
         adaptive=a.adaptive,
         threshold=a.threshold,
+        fallback_k=a.fallback_k,
         dtype=a.dtype,
         device=a.device,
         n_ctx=a.n_ctx,
@@ -109,7 +113,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
                 f"finish={reason}, tau={s['mean_accepted_length']}, "
                 f"acceptance={s['acceptance_rate']}, by position={s['acceptance_by_position']}, "
                 f"target forwards={s['target_forwards']}, time target/draft/other="
-                f"{s['time_target_s']}/{s['time_draft_s']}/{s['time_other_s']}s]",
+                f"{s['time_target_s']}/{s['time_draft_s']}/{s['time_other_s']}s, rounds by drafter "
+                f"[rounds, drafted, accepted]={s['by_source']}]",
                 file=sys.stderr,
             )
     return 0
@@ -246,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--draft-tokens", default="4", help="k, or a comma list to sweep (e.g. 2,4,6)")
     b.add_argument("--adaptive", action="store_true", help="also run each method with adaptive k")
     b.add_argument("--threshold", type=float, default=0.0)
+    b.add_argument("--fallback-k", type=int, default=None, help="with ngram+X: most drafts of X (default: k)")
     b.add_argument("--dtype", default=None)
     b.add_argument("--device", default=None)
     b.add_argument("--json", default=None, help="write results here")

@@ -34,6 +34,8 @@ class GenerationStats:
     drafted_by_position: list[int] = field(default_factory=list)
     target_s: float = 0.0
     draft_s: float = 0.0
+    by_source: dict[str, list[int]] = field(default_factory=dict)
+    """Per proposer that drafted ("" when none did): [rounds, drafted, accepted]."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -69,4 +71,5 @@ class GenerationStats:
             "time_target_s": round(self.target_s, 4),
             "time_draft_s": round(self.draft_s, 4),
             "time_other_s": round(max(0.0, total - self.target_s - self.draft_s), 4),
+            "by_source": {(k or "none"): list(v) for k, v in self.by_source.items()},
         }

@@ -20,6 +20,8 @@ class Draft:
     tokens: list[int]
     probs: torch.Tensor | None = None
     """[len(tokens), V] drafter's processed distributions; None means chosen deterministically."""
+    source: str = ""
+    """Name of the proposer that made it (a hybrid reports which half drafted)."""
 
 
 @dataclass
@@ -61,15 +63,20 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
 
 def choose_draft(drafter: MTPDrafter, target: Transformer, head_in: torch.Tensor, params, generator):
     """The drafter's token for one row (head_in [H]) -> (token, processed q or None, confidence).
-    Greedy drafts look only at the candidates; sampling needs q over the whole vocabulary."""
+    With a clustered head only the candidates can be drafted, so both greedy and sampled drafts
+    work on the candidate scores; a sampled draft's q (needed by rejection sampling) is that
+    distribution placed over the whole vocabulary, zero elsewhere."""
     ids, scores = drafter.scores(target, head_in)
+    if ids is None:
+        return _choose(scores, params, generator)
     if params.greedy:
         probs = torch.softmax(scores, -1)
         best = int(probs.argmax())
-        return (best if ids is None else int(ids[best])), None, float(probs[best])
-    if ids is not None:
-        scores = torch.full((drafter.config.vocab_size,), float("-inf")).scatter(0, ids, scores)
-    return _choose(scores, params, generator)
+        return int(ids[best]), None, float(probs[best])
+    p = processed_probs(scores[None], params)[0]
+    j = int(torch.multinomial(p, 1, generator=generator))
+    q = torch.zeros(drafter.config.vocab_size, dtype=p.dtype, device=p.device).index_copy_(0, ids, p)
+    return int(ids[j]), q, float(p.max())
 
 
 class MTPProposer(Proposer):
@@ -95,23 +102,13 @@ class MTPProposer(Proposer):
         tokens, qs = [], []
         for _ in range(k):
             head_in, h = d.step(target, tok, h, ctx)
-            ids, scores = d.scores(target, head_in[0])
-            if params.greedy:
-                # Greedy drafts need only the best candidate: no full-vocabulary tensor.
-                probs = torch.softmax(scores, -1)
-                best = int(probs.argmax())
-                choice, q, conf = (best if ids is None else int(ids[best])), None, float(probs[best])
-            else:
-                full = (
-                    scores if ids is None else torch.full((d.config.vocab_size,), float("-inf")).scatter(0, ids, scores)
-                )
-                choice, q, conf = _choose(full, params, generator)
+            choice, q, conf = choose_draft(d, target, head_in[0], params, generator)
             if conf < self.threshold and tokens:
                 break
             tokens.append(choice)
             qs.append(q)
             tok = torch.tensor([choice])
-        return Draft(tokens, None if params.greedy else torch.stack(qs))
+        return Draft(tokens, None if params.greedy else torch.stack(qs), self.name)
 
 
 class NgramProposer(Proposer):
@@ -144,16 +141,19 @@ class NgramProposer(Proposer):
                 continue
             end = self._index.get(tuple(toks[-n:]))
             if end is not None:
-                return Draft(toks[end + 1 : end + 1 + k])
+                return Draft(toks[end + 1 : end + 1 + k], source=self.name)
         return Draft([])
 
 
 class HybridProposer(Proposer):
     """Prompt lookup first, a model-based proposer when lookup finds no match: copies are nearly
-    free and accepted at length, and the drafter covers the rest."""
+    free and accepted at length, and the drafter covers the rest. `fallback_k` caps the
+    fallback's drafts: its later drafts are accepted far less often than a copy's, and each one
+    costs a draft step plus a wider verification."""
 
-    def __init__(self, lookup: NgramProposer, fallback: Proposer):
+    def __init__(self, lookup: NgramProposer, fallback: Proposer, fallback_k: int | None = None):
         self.lookup, self.fallback = lookup, fallback
+        self.fallback_k = fallback_k
         self.name = f"{lookup.name}+{fallback.name}"
 
     def begin(self, prompt):
@@ -162,7 +162,10 @@ class HybridProposer(Proposer):
 
     def propose(self, state, k, params, generator):
         draft = self.lookup.propose(state, k, params, generator)
-        return draft if draft.tokens else self.fallback.propose(state, k, params, generator)
+        if draft.tokens:
+            return draft
+        k = k if self.fallback_k is None else min(k, self.fallback_k)
+        return self.fallback.propose(state, k, params, generator)
 
     def after_verify(self, state):
         self.lookup.after_verify(state)
@@ -214,7 +217,7 @@ class DraftModelProposer(Proposer):
             qs.append(q)
             if i + 1 < k:
                 logits = self._feed(toks + tokens)
-        return Draft(tokens, None if params.greedy else torch.stack(qs))
+        return Draft(tokens, None if params.greedy else torch.stack(qs), self.name)
 
     def after_verify(self, state):
         # Keep the longest prefix still part of the sequence; rejected drafts are forgotten, and
@@ -251,12 +254,14 @@ def make_proposer(
     model_name: str | None = None,
     n_ctx: int = 4096,
     threshold: float = 0.0,
+    fallback_k: int | None = None,
     dtype=None,
 ) -> Proposer | None:
     """Build a proposer from a user choice: None (the registered model's measured default, see
     `Registered.default_proposer`; plain decoding for other models), "none", "ngram", "mtp" (the
     drafter that ships for the model), "draft:MODEL" (a smaller model with the same tokenizer),
-    "ngram+X" (lookup first, X when it finds nothing), or a drafter folder."""
+    "ngram+X" (lookup first, X with at most `fallback_k` drafts when it finds nothing), or a
+    drafter folder."""
     from pathlib import Path
 
     from .checkpoint import load_model
@@ -276,14 +281,15 @@ def make_proposer(
         if reg is None:  # a model we have not measured: plain decoding
             return None
         spec = reg.default_proposer
-        if spec == "mtp" and default_drafter_dir(model_name) is None:
-            return None
+        if spec.endswith("mtp") and default_drafter_dir(model_name) is None:
+            return NgramProposer() if spec.startswith("ngram+") else None
+        fallback_k = reg.default_fallback_k if fallback_k is None else fallback_k
     if spec and "+" in spec:  # "ngram+mtp": lookup first, then the named proposer
         first, _, rest = spec.partition("+")
         if first != "ngram":
             raise ModelNotFoundError(f"drafter {spec!r}: combinations are ngram+PROPOSER")
         inner = make_proposer(rest, target, model_name=model_name, n_ctx=n_ctx, threshold=threshold, dtype=dtype)
-        return NgramProposer() if inner is None else HybridProposer(NgramProposer(), inner)
+        return NgramProposer() if inner is None else HybridProposer(NgramProposer(), inner, fallback_k)
     if spec == "mtp":
         d = default_drafter_dir(model_name) if model_name else None
         if d is None:

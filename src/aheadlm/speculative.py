@@ -185,5 +185,7 @@ def generate(
         for i in range(len(drafts)):
             stats.drafted_by_position[i] += 1
             stats.accepted_by_position[i] += i < accepted
+        tally = stats.by_source.setdefault(draft.source if drafts else "", [0, 0, 0])
+        tally[0], tally[1], tally[2] = tally[0] + 1, tally[1] + len(drafts), tally[2] + accepted
         if controller:
             controller.update(len(drafts), accepted, time.perf_counter() - td)

@@ -59,8 +59,11 @@ class BatchEngine:
         slots: int = 8,
         n_ctx: int = 4096,
         draft_max_batch: int = 3,
+        fallback_k: int | None = None,
     ):
         self.model = model
+        self.fallback_k = fallback_k
+        """With lookup on, the most MTP drafts for a row lookup found nothing for (see HybridProposer)."""
         self.draft_max_batch = draft_max_batch
         """Draft only while at most this many requests run: a big batch already keeps the CPU
         busy, and every row pays for the longest draft in the verify forward."""
@@ -198,6 +201,8 @@ class BatchEngine:
                     drafts[r.row] = r.ngram.propose(st, budget[r.row], r.params, r.generator).tokens
         # The MTP drafter (alone, or behind the lookup) drafts for the rows that have no draft yet.
         active = [r for r in active if budget[r.row] and not drafts[r.row]]
+        if self.ngram and self.fallback_k is not None:
+            budget = {row: min(b, self.fallback_k) for row, b in budget.items()}
         k = max((budget[r.row] for r in active), default=0)
         if self.drafter is None or k == 0:
             return drafts, probs

@@ -16,6 +16,7 @@ def add_arguments(p) -> None:
     p.add_argument("--model", "-m", default="gemma3-270m")
     p.add_argument("--drafter", "-d", default=None, help="none | ngram | mtp | drafter folder (default: shipped MTP)")
     p.add_argument("--draft-tokens", "-k", type=int, default=4)
+    p.add_argument("--fallback-k", type=int, default=None, help="with ngram+X: most drafts of X")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback by default)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
@@ -32,7 +33,15 @@ def add_arguments(p) -> None:
 def build_state(a) -> ServerState:
     if a.slots < 1 or a.max_queue < 0:
         raise InvalidRequestError("--slots must be >= 1 and --max-queue >= 0")
-    llm = load(a.model, drafter=a.drafter, draft_tokens=a.draft_tokens, dtype=a.dtype, device=a.device, n_ctx=a.n_ctx)
+    llm = load(
+        a.model,
+        drafter=a.drafter,
+        draft_tokens=a.draft_tokens,
+        fallback_k=a.fallback_k,
+        dtype=a.dtype,
+        device=a.device,
+        n_ctx=a.n_ctx,
+    )
     prop = llm.engine.proposer
     lookup = isinstance(prop, (NgramProposer, HybridProposer))
     mtp = prop.fallback if isinstance(prop, HybridProposer) else prop
@@ -46,6 +55,7 @@ def build_state(a) -> ServerState:
         slots=a.slots,
         draft_max_batch=a.draft_max_batch,
         n_ctx=llm.engine.n_ctx,
+        fallback_k=prop.fallback_k if isinstance(prop, HybridProposer) else None,
     )
     from ..registry import resolve
 
