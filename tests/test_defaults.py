@@ -6,7 +6,7 @@ floors sit well below the values measured in docs/benchmarks.md."""
 import pytest
 
 import aheadlm
-from aheadlm.registry import REGISTRY
+from aheadlm.registry import REGISTRY, default_drafter_dir
 
 pytestmark = pytest.mark.realmodel
 
@@ -17,6 +17,8 @@ MESSAGES = [
     "Give me three tips for writing clean Python code.",
 ]
 FLOORS = {"gemma3-270m": 1.8, "smollm2-135m": 1.1}
+MTP_FLOORS = {"gemma3-270m": 1.6}
+"""The shipped MTP drafter on its own, k = 2: behind lookup a broken drafter would barely show."""
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -36,3 +38,19 @@ def test_default_proposer_is_lossless_and_accepts(name):
     tau = tokens / forwards
     print(f"{name}: tau {tau:.2f}")
     assert tau >= FLOORS[name], f"{name}: tau {tau:.2f} below the floor {FLOORS[name]}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in REGISTRY if default_drafter_dir(n)))
+def test_shipped_drafter_alone_is_lossless_and_accepts(name):
+    llm = aheadlm.load(name, drafter="mtp", draft_tokens=2)
+    plain = aheadlm.load(name, drafter="none")
+    tokens = forwards = 0
+    for m in MESSAGES:
+        msgs = [{"role": "user", "content": m}]
+        out = llm.chat(msgs, max_tokens=96)
+        assert out.token_ids == plain.chat(msgs, max_tokens=96).token_ids, m
+        tokens += out.stats.completion_tokens - 1
+        forwards += out.stats.target_forwards
+    tau = tokens / forwards
+    print(f"{name} shipped drafter: tau {tau:.2f}")
+    assert tau >= MTP_FLOORS[name], f"{name}: shipped drafter tau {tau:.2f} below the floor {MTP_FLOORS[name]}"

