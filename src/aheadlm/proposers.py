@@ -283,11 +283,12 @@ def make_proposer(
         spec = reg.default_proposer
         if spec.endswith("mtp") and default_drafter_dir(model_name) is None:
             return NgramProposer() if spec.startswith("ngram+") else None
-        fallback_k = reg.default_fallback_k if fallback_k is None else fallback_k
     if spec and "+" in spec:  # "ngram+mtp": lookup first, then the named proposer
         first, _, rest = spec.partition("+")
         if first != "ngram":
             raise ModelNotFoundError(f"drafter {spec!r}: combinations are ngram+PROPOSER")
+        if fallback_k is None and rest == "mtp" and model_name in REGISTRY:  # the shipped pair's measured cap
+            fallback_k = REGISTRY[model_name].default_fallback_k
         inner = make_proposer(rest, target, model_name=model_name, n_ctx=n_ctx, threshold=threshold, dtype=dtype)
         return NgramProposer() if inner is None else HybridProposer(NgramProposer(), inner, fallback_k)
     if spec == "mtp":

@@ -32,7 +32,8 @@ class Registered:
     default_adaptive: bool = False
     """Whether that default picks k per round (`--adaptive`): on by default where measured faster."""
     default_fallback_k: int | None = None
-    """For an "ngram+X" default: the most drafts of X per round when lookup finds nothing."""
+    """For "ngram+mtp" (named or by default) with no --fallback-k: the most drafts of the shipped
+    drafter per round when lookup finds nothing."""
 
 
 REGISTRY = {
