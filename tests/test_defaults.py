@@ -21,13 +21,8 @@ MTP_FLOORS = {"gemma3-270m": 1.6}
 """The shipped MTP drafter on its own, k = 2: behind lookup a broken drafter would barely show."""
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_default_proposer_is_lossless_and_accepts(name):
-    llm = aheadlm.load(name)
-    assert llm.engine.proposer is not None and llm.engine.proposer.name == REGISTRY[name].default_proposer
-    assert llm.engine.spec.adaptive == REGISTRY[name].default_adaptive
-    assert not aheadlm.load(name, drafter="ngram").engine.spec.adaptive  # a named drafter keeps fixed k
-    plain = aheadlm.load(name, drafter="none")
+def lossless_tau(llm, plain) -> float:
+    """Tokens per target forward over MESSAGES, asserting each reply equals plain decoding's."""
     tokens = forwards = 0
     for m in MESSAGES:
         msgs = [{"role": "user", "content": m}]
@@ -35,7 +30,16 @@ def test_default_proposer_is_lossless_and_accepts(name):
         assert out.token_ids == plain.chat(msgs, max_tokens=96).token_ids, m
         tokens += out.stats.completion_tokens - 1  # the first token comes from the prefill
         forwards += out.stats.target_forwards
-    tau = tokens / forwards
+    return tokens / forwards
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_default_proposer_is_lossless_and_accepts(name):
+    llm = aheadlm.load(name)
+    assert llm.engine.proposer is not None and llm.engine.proposer.name == REGISTRY[name].default_proposer
+    assert llm.engine.spec.adaptive == REGISTRY[name].default_adaptive
+    assert not aheadlm.load(name, drafter="ngram").engine.spec.adaptive  # a named drafter keeps fixed k
+    tau = lossless_tau(llm, aheadlm.load(name, drafter="none"))
     print(f"{name}: tau {tau:.2f}")
     assert tau >= FLOORS[name], f"{name}: tau {tau:.2f} below the floor {FLOORS[name]}"
 
@@ -43,15 +47,7 @@ def test_default_proposer_is_lossless_and_accepts(name):
 @pytest.mark.parametrize("name", sorted(n for n in REGISTRY if default_drafter_dir(n)))
 def test_shipped_drafter_alone_is_lossless_and_accepts(name):
     llm = aheadlm.load(name, drafter="mtp", draft_tokens=2)
-    plain = aheadlm.load(name, drafter="none")
-    tokens = forwards = 0
-    for m in MESSAGES:
-        msgs = [{"role": "user", "content": m}]
-        out = llm.chat(msgs, max_tokens=96)
-        assert out.token_ids == plain.chat(msgs, max_tokens=96).token_ids, m
-        tokens += out.stats.completion_tokens - 1
-        forwards += out.stats.target_forwards
-    tau = tokens / forwards
+    tau = lossless_tau(llm, aheadlm.load(name, drafter="none"))
     print(f"{name} shipped drafter: tau {tau:.2f}")
     assert tau >= MTP_FLOORS[name], f"{name}: shipped drafter tau {tau:.2f} below the floor {MTP_FLOORS[name]}"
 

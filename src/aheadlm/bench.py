@@ -152,13 +152,7 @@ def run_bench(args) -> dict:
     target = llm.engine.model
     runners: dict[str, LLM] = {}
     for label, spec, k, adaptive in parse_methods(args.methods, args.draft_tokens, args.adaptive):
-        prop = (
-            None
-            if spec == "none"
-            else make_proposer(
-                spec, target, model_name=args.model, threshold=args.threshold, fallback_k=args.fallback_k
-            )
-        )
+        prop = make_proposer(spec, target, model_name=args.model, threshold=args.threshold, fallback_k=args.fallback_k)
         if spec not in ("none",) and prop is None:
             raise InvalidRequestError(f"method {spec!r} has no drafter for {args.model}")
         runners[label] = LLM(Engine(target, proposer=prop, spec=SpecConfig(k, adaptive)), llm.tokenizer, llm.name)

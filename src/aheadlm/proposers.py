@@ -281,8 +281,8 @@ def make_proposer(
         if reg is None:  # a model we have not measured: plain decoding
             return None
         spec = reg.default_proposer
-        if spec.endswith("mtp") and default_drafter_dir(model_name) is None:
-            return NgramProposer() if spec.startswith("ngram+") else None
+        if default_drafter_dir(model_name) is None:  # no drafter installed: "ngram+mtp" -> "ngram", "mtp" -> none
+            spec = spec.removesuffix("mtp").rstrip("+") or "none"
     if spec and "+" in spec:  # "ngram+mtp": lookup first, then the named proposer
         first, _, rest = spec.partition("+")
         if first != "ngram":
