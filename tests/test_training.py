@@ -170,8 +170,7 @@ def test_warm_start_capture_is_aligned(setup):
     torch.testing.assert_close(X[: len(seqs[0].tokens) - 2, H:], seqs[0].hidden[:-1].float(), atol=2e-2, rtol=1e-2)
 
 
-def test_warm_start_begins_from_the_target(setup):
-    target, seqs, _ = setup
+def _warm_start_beats_random(target, seqs):
     tcfg = target.config
     kw = dict(hidden_size=tcfg.hidden_size, intermediate_size=tcfg.intermediate_size, num_layers=1)
     cfg = DrafterConfig.for_target(tcfg, **kw)
@@ -181,7 +180,7 @@ def test_warm_start_begins_from_the_target(setup):
     assert 0 <= err < 0.5
     src = target.layers[tcfg.last_layer_of("full")]
     torch.testing.assert_close(warm.layers[0].o.weight, src.attn.o.weight.float())
-    torch.testing.assert_close(warm.layers[0].post_mlp_norm.weight, src.post_mlp_norm.weight.float())
+    torch.testing.assert_close(warm.layers[0].mlp_norm.weight, src.mlp_norm.weight.float())
     torch.testing.assert_close(warm.norm.weight, target.norm.weight.float())
     tables, tc = Tables.from_model(target), TrainConfig(**CFG)
 
@@ -190,6 +189,32 @@ def test_warm_start_begins_from_the_target(setup):
             return sum(float(sequence_loss(d, d, tables, s, tc, random.Random(0), "cpu")[0]) for s in seqs)
 
     assert loss(warm) < 0.7 * loss(random_init)
+    return warm
+
+
+def test_warm_start_begins_from_the_target(setup):
+    target, seqs, _ = setup
+    warm = _warm_start_beats_random(target, seqs)
+    src = target.layers[target.config.last_layer_of("full")]
+    torch.testing.assert_close(warm.layers[0].post_mlp_norm.weight, src.post_mlp_norm.weight.float())
+
+
+def test_warm_start_from_a_llama_target(tmp_path):
+    # Llama layers have no post-norms and no q-norm: the drafter takes the same pre-norm-only form
+    target = ours_from_hf(tiny_hf("llama", seed=3))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 160, (int(n),), generator=g).tolist() for n in torch.randint(4, 20, (8,), generator=g)]
+    seqs = [s for p in write_shards(target, prompts, tmp_path, max_new_tokens=24, batch_size=4) for s in load_shard(p)]
+    warm = _warm_start_beats_random(target, seqs)
+    layer = warm.layers[0]
+    assert layer.post_attn_norm is None and layer.post_mlp_norm is None and layer.q_norm is None
+    # a Gemma-style drafter (post-norms) cannot copy a Llama layer and is refused
+    c = target.config
+    sandwich = DrafterConfig.for_target(
+        c, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_layers=1, sandwich_norm=True
+    )
+    with pytest.raises(InvalidRequestError, match="norms differ"):
+        warm_start(MTPDrafter(sandwich), target, [s.tokens.tolist() for s in seqs])
 
 
 def test_warm_start_refuses_other_layer_shapes(setup):

@@ -51,6 +51,9 @@ class DrafterConfig:
     query_scale: float = 0.0
     """0 means 1/sqrt(head_dim)."""
     qk_norm: bool = True
+    sandwich_norm: bool = True
+    """Norms after attention and MLP too (Gemma); False = pre-norm only (Llama), so a drafter
+    layer can start as an exact copy of a Llama target's layer."""
     head: str = "target"
     """"target": score post_projection output with the target's output head (shares its table);
     "own": score the drafter's normed state with its own embedding table (Gemma 4 assistants)."""
@@ -100,6 +103,9 @@ class DrafterConfig:
             rms_norm_eps=target.rms_norm_eps,
             activation=target.activation,
             query_scale=target.query_scale,
+            # the target's own layer style, so a warm start can copy its last layer unchanged
+            qk_norm=target.qk_norm,
+            sandwich_norm=target.sandwich_norm,
             target_arch=target.arch,
             target_layer_types=target.layer_types,
         )
@@ -159,12 +165,12 @@ class DraftLayer(nn.Module):
         self.q = nn.Linear(h, cfg.num_heads * d, bias=False)
         self.q_norm = RMSNorm(d, eps) if cfg.qk_norm else None
         self.o = nn.Linear(cfg.num_heads * d, h, bias=False)
-        self.post_attn_norm = RMSNorm(h, eps)
+        self.post_attn_norm = RMSNorm(h, eps) if cfg.sandwich_norm else None
         self.mlp_norm = RMSNorm(h, eps)
         self.gate = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.up = nn.Linear(h, cfg.intermediate_size, bias=False)
         self.down = nn.Linear(cfg.intermediate_size, h, bias=False)
-        self.post_mlp_norm = RMSNorm(h, eps)
+        self.post_mlp_norm = RMSNorm(h, eps) if cfg.sandwich_norm else None
         self.gelu = cfg.activation == "gelu_tanh"
         self.layer_scalar = nn.Parameter(torch.ones(1))
 
@@ -177,11 +183,13 @@ class DraftLayer(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k, v, view = ctx.kv[self.layer_type]
         a = attend(q.to(k.dtype), k, v, view, self.scale).to(x.dtype)
-        x = x + self.post_attn_norm(self.o(a.transpose(1, 2).reshape(B, T, -1)))
+        a = self.o(a.transpose(1, 2).reshape(B, T, -1))
+        x = x + (a if self.post_attn_norm is None else self.post_attn_norm(a))
         y = self.mlp_norm(x)
         g = self.gate(y)
         g = F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)
-        x = x + self.post_mlp_norm(self.down(g * self.up(y)))
+        m = self.down(g * self.up(y))
+        x = x + (m if self.post_mlp_norm is None else self.post_mlp_norm(m))
         return x * self.layer_scalar
 
 

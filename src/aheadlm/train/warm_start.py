@@ -20,7 +20,8 @@ from ..packed import dense_state_dict
 
 
 def _layer_weights(target: Transformer, layer: int) -> dict[str, torch.Tensor]:
-    """A target block's weights under the drafter layer's names (fused projections split)."""
+    """A target block's weights under the drafter layer's names (fused projections split; the
+    post-norms only where the target has them)."""
     cfg = target.config
     sd = dense_state_dict(target.layers[layer])
     nq = cfg.num_heads * cfg.type_head_dim(cfg.layer_types[layer])
@@ -32,7 +33,8 @@ def _layer_weights(target: Transformer, layer: int) -> dict[str, torch.Tensor]:
     out = {"q.weight": q, "o.weight": sd["attn.o.weight"], "gate.weight": gate, "up.weight": up}
     out["down.weight"] = sd["mlp.down.weight"]
     for name in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm"):
-        out[f"{name}.weight"] = sd[f"{name}.weight"]
+        if f"{name}.weight" in sd:
+            out[f"{name}.weight"] = sd[f"{name}.weight"]
     if "attn.q_norm.weight" in sd:
         out["q_norm.weight"] = sd["attn.q_norm.weight"]
     out["layer_scalar"] = sd.get("layer_scalar", torch.ones(1))
@@ -48,8 +50,10 @@ def check_compatible(drafter: MTPDrafter, target: Transformer) -> None:
         problems.append(f"drafter width {c.hidden_size} != target width {t.hidden_size}")
     if c.num_heads != t.num_heads or any(c.type_head_dim(lt) != t.type_head_dim(lt) for lt in c.layer_types):
         problems.append("query heads differ from the target's")
-    if not t.sandwich_norm or t.num_experts or t.per_layer_dim or t.attention_bias:
-        problems.append("the target's layers are not plain sandwich-norm layers")
+    if t.num_experts or t.per_layer_dim or t.attention_bias or t.double_wide_mlp:
+        problems.append("the target's layers are not plain dense layers")
+    if c.sandwich_norm != t.sandwich_norm or c.qk_norm != t.qk_norm:
+        problems.append("the drafter's norms differ from the target layer's")
     for lt in c.layer_types:
         if c.intermediate_size != t.layer_intermediate(t.last_layer_of(lt)):
             problems.append(f"drafter intermediate size {c.intermediate_size} != the target layer's")
