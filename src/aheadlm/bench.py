@@ -224,16 +224,21 @@ def plot(result: dict, path: str) -> None:
     cats = [c for c in next(iter(result["methods"].values())) if c != "all"] + ["all"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / max(1, len(methods))
+    top = 1.0
     for j, m in enumerate(methods):
         vals = [result["methods"][m][c].get("speedup") or 0 for c in cats]
         ax1.bar([i + j * width for i in range(len(cats))], vals, width, label=m)
+        top = max(top, *vals)
         acc = result["methods"][m]["all"]["acceptance_by_position"]
         ax2.plot(range(1, len(acc) + 1), acc, marker="o", label=m)
     ax1.axhline(1.0, color="grey", lw=0.8)
     ax1.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(cats))], cats, rotation=30, ha="right")
     ax1.set_ylabel("speedup vs plain decoding")
     ax1.set_title(f"{result['model']}: speedup per category (T={result['temperature']})")
-    ax1.legend(fontsize=8)
+    # the legend goes in rows above the tallest bar, so it never hides one
+    rows = -(-len(methods) // 4)
+    ax1.set_ylim(0, top * (1.08 + 0.1 * rows))
+    ax1.legend(fontsize=8, ncol=4, loc="upper left")
     ax2.set_xlabel("draft position")
     ax2.set_ylabel("share of rounds accepting draft i")
     ax2.set_ylim(0, 1)
