@@ -86,6 +86,44 @@ def test_resume_reproduces_uninterrupted_run(setup, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
 
 
+def _ddp_rank(rank, world, port, drafter_cfg, tables, seqs, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # each process starts from different weights: DistributedDataParallel must give them rank 0's
+    drafter = MTPDrafter(drafter_cfg).init_weights(0.02, torch.Generator().manual_seed(rank)).train()
+    train(drafter, tables, seqs, TrainConfig(steps=3, **CFG), out)
+    torch.save(drafter.state_dict(), out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_data_parallel_processes_stay_in_step(setup, tmp_path):
+    """Two processes as torchrun starts them: same weights after training, one checkpoint writer,
+    and refusal to write data shards (they must exist before several processes start)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    target, seqs, data = setup
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = new_drafter(target).config
+    mp.spawn(_ddp_rank, args=(2, port, cfg, Tables.from_model(target), seqs, tmp_path), nprocs=2)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    start = MTPDrafter(cfg).init_weights(0.02, torch.Generator().manual_seed(0)).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # and they did train
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000003"]
+    with pytest.raises(InvalidRequestError, match="with several processes"):
+        write_shards(target, [[1, 2, 3]] * 7, tmp_path / "fresh", max_new_tokens=4, per_shard=6, generate=False)
+    write_shards(target, [[1, 2, 3]] * 12, data, max_new_tokens=24, per_shard=6, generate=False)  # present: fine
+
+
 def test_corrupt_checkpoint_is_reported(setup, tmp_path):
     target, seqs, _ = setup
     tables = Tables.from_model(target)

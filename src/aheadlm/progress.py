@@ -15,8 +15,9 @@ def status(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def progress(iterable, total=None, desc=None, **kwargs):
-    """tqdm that appears only when the step lasts over a second and is silenced by AHEADLM_QUIET=1."""
+def progress(iterable, total=None, desc=None, show: bool = True, **kwargs):
+    """tqdm that appears only when the step lasts over a second and is silenced by AHEADLM_QUIET=1
+    (or `show=False`, e.g. on all but the first of several training processes)."""
     from tqdm import tqdm
 
     return tqdm(
@@ -24,7 +25,7 @@ def progress(iterable, total=None, desc=None, **kwargs):
         total=total,
         desc=desc,
         delay=1.0,
-        disable=not enabled(),
+        disable=not (show and enabled()),
         file=sys.stderr,
         dynamic_ncols=True,
         **kwargs,

@@ -6,6 +6,7 @@ aheadlm train-drafter --model gemma3-270m --out runs/gemma3-drafter --tokens 200
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -78,9 +79,9 @@ def add_arguments(p) -> None:
 
 def _shards(target, texts, data_dir: Path, **kw) -> tuple[list, float]:
     """Write (or find) the shards for `texts` and load them; with the seconds they took to write,
-    also across a killed and resumed run."""
+    also across a killed and resumed run. Under torchrun they must exist already."""
     t0 = time.time()
-    paths = write_shards(target, texts, data_dir, **kw)
+    paths = write_shards(target, texts, data_dir, generate=_world() == 1, **kw)
     return [s for p in paths for s in load_shard(p)], max(time.time() - t0, shard_seconds(paths))
 
 
@@ -120,6 +121,10 @@ def make_evaluator(llm, prompts: list[list[int]], k: int = 4, max_tokens: int = 
         return toks / max(fwd, 1)
 
     return evaluate
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def run(a) -> int:
@@ -206,6 +211,8 @@ def run(a) -> int:
     )
     evaluate = make_evaluator(llm, val)
     state = train(drafter, tables, sequences, cfg, out, resume=a.resume, evaluate=evaluate, device=device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # the first process evaluates and writes the drafter folder
     drafter.eval()
     tau = evaluate(drafter)
     record = {

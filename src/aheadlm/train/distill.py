@@ -18,7 +18,7 @@ import torch
 
 from ..batch import generate_batch
 from ..config import FULL, SLIDING
-from ..errors import WeightsError
+from ..errors import InvalidRequestError, WeightsError
 from ..model import Transformer
 from ..progress import progress
 
@@ -56,10 +56,12 @@ def write_shards(
     stop_ids: tuple[int, ...] = (),
     seed: int = 0,
     teacher_forced: bool = False,
+    generate: bool = True,
 ) -> list[Path]:
     """Generate and store shards of `per_shard` sequences; existing complete shards are kept, so a
     killed run continues where it stopped. With `teacher_forced`, `prompts` are whole texts that the
-    target only reads (plus its one greedy next token)."""
+    target only reads (plus its one greedy next token). With `generate=False` a missing shard is an
+    error (several training processes must not write the same files)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = feature_layers(model)
@@ -72,6 +74,11 @@ def write_shards(
         paths.append(path)
         if path.exists():
             continue
+        if not generate:
+            raise InvalidRequestError(
+                f"{path} is missing: with several processes, write the data first with one process "
+                "(the same command without torchrun and with --steps 0)"
+            )
         chunk = prompts[s * per_shard : (s + 1) * per_shard]
         seqs: list[Sequence] = []
         t0 = time.time()

@@ -250,7 +250,9 @@ def train(
     for _ in range(epoch + 1):
         epoch_rng.shuffle(order)
     last = min(cfg.steps, until or cfg.steps)
-    bar = progress(range(state["step"], last), desc="train-drafter", initial=state["step"], total=cfg.steps)
+    bar = progress(
+        range(state["step"], last), desc="train-drafter", initial=state["step"], total=cfg.steps, show=rank == 0
+    )
     t_start = time.time() - state.get("seconds", 0.0)
     for step in bar:
         for g in opt.param_groups:
