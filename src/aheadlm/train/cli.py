@@ -72,6 +72,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-anchors", type=int, default=384)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-tokens", type=int, default=64, help="tokens per held-out prompt when measuring tau")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
@@ -125,6 +126,10 @@ def make_evaluator(llm, prompts: list[list[int]], k: int = 4, max_tokens: int = 
 
 def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def run(a) -> int:
@@ -194,7 +199,10 @@ def run(a) -> int:
         else:
             status(f"clustering {tcfg.vocab_size} tokens into {a.centroids} clusters")
             ordering, cent = balanced_clusters(tables.head, a.centroids, seed=a.seed)
-            torch.save((ordering, cent), cpath)
+            # written whole then renamed: another process may be looking for the same file
+            tmp = cpath.with_suffix(f".tmp{os.getpid()}")
+            torch.save((ordering, cent), tmp)
+            tmp.replace(cpath)
         use_clusters(drafter, tables, ordering, cent)
     drafter.to(device)
     drafter.train()
@@ -209,9 +217,9 @@ def run(a) -> int:
         eval_every=a.eval_every,
         seed=a.seed,
     )
-    evaluate = make_evaluator(llm, val)
+    evaluate = make_evaluator(llm, val, max_tokens=a.eval_tokens)
     state = train(drafter, tables, sequences, cfg, out, resume=a.resume, evaluate=evaluate, device=device)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if _rank() != 0:
         return 0  # the first process evaluates and writes the drafter folder
     drafter.eval()
     tau = evaluate(drafter)
