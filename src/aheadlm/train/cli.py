@@ -23,7 +23,7 @@ from ..speculative import SpecConfig
 from .clusters import balanced_clusters, use_clusters
 from .data import build_prompts, corpus_sequences, load_conversations
 from .distill import load_shard, shard_seconds, write_shards
-from .trainer import Tables, TrainConfig, latest_checkpoint, train
+from .trainer import Tables, TrainConfig, latest_checkpoint, train, world_and_rank
 from .warm_start import check_compatible, warm_start
 
 N_VAL = 8
@@ -82,7 +82,7 @@ def _shards(target, texts, data_dir: Path, **kw) -> tuple[list, float]:
     """Write (or find) the shards for `texts` and load them; with the seconds they took to write,
     also across a killed and resumed run. Under torchrun they must exist already."""
     t0 = time.time()
-    paths = write_shards(target, texts, data_dir, generate=_world() == 1, **kw)
+    paths = write_shards(target, texts, data_dir, generate=world_and_rank()[0] == 1, **kw)
     return [s for p in paths for s in load_shard(p)], max(time.time() - t0, shard_seconds(paths))
 
 
@@ -122,14 +122,6 @@ def make_evaluator(llm, prompts: list[list[int]], k: int = 4, max_tokens: int = 
         return toks / max(fwd, 1)
 
     return evaluate
-
-
-def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def run(a) -> int:
@@ -219,7 +211,7 @@ def run(a) -> int:
     )
     evaluate = make_evaluator(llm, val, max_tokens=a.eval_tokens)
     state = train(drafter, tables, sequences, cfg, out, resume=a.resume, evaluate=evaluate, device=device)
-    if _rank() != 0:
+    if world_and_rank()[1] != 0:
         return 0  # the first process evaluates and writes the drafter folder
     drafter.eval()
     tau = evaluate(drafter)

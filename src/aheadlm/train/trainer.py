@@ -214,6 +214,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
+def world_and_rank() -> tuple[int, int]:
+    """(processes, this process's index) as torchrun sets them; (1, 0) for a single process."""
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
 def train(
     drafter: MTPDrafter,
     tables: Tables,
@@ -230,8 +235,7 @@ def train(
     `until` stops this run early at that step (the schedule still spans `cfg.steps`)."""
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world, rank = world_and_rank()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     model = drafter
