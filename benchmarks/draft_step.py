@@ -5,6 +5,8 @@
 Builds the cache state of a 200-token context, then times (median of `--reps`) one target forward
 of one token, one verification forward of k + 1 tokens, and one drafter step with its clustered head
 and with a dense head over the whole vocabulary (the same drafter with its clusters removed).
+With several `--drafter` folders, each one's clustered step is timed in the same run (the dense
+head only for the first).
 """
 
 from __future__ import annotations
@@ -53,10 +55,11 @@ def time_steps(target, cache, ids, hidden, drafters: dict, k: int, reps: int, dr
         target(torch.tensor([ids[-k - 1 :]]), torch.arange(n, n + k + 1)[None], cache)
         cache.trim(n)
 
-    ctx = next(iter(drafters.values())).round_context(target, cache, torch.tensor([n - 1]))
     h, tok = hidden[:, -2], torch.tensor([ids[-1]])
 
     def step(d):
+        ctx = d.round_context(target, cache, torch.tensor([n - 1]))  # per drafter: its layer types
+
         def run():
             head_in, _ = d.step(target, tok, h, ctx)
             d.scores(target, head_in[0])
@@ -75,7 +78,7 @@ def time_steps(target, cache, ids, hidden, drafters: dict, k: int, reps: int, dr
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gemma3-270m")
-    ap.add_argument("--drafter", required=True, help="an MTP drafter folder with a clustered head")
+    ap.add_argument("--drafter", required=True, nargs="+", help="MTP drafter folders with a clustered head")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--json", default=None)
@@ -85,10 +88,12 @@ def main() -> None:
     ids = (llm.tokenizer.encode("The history of the printing press begins with movable type. ") * 30)[:200]
     cache = KVCache(t.config, 512)
     _, hidden = t(torch.tensor([ids]), torch.arange(len(ids))[None], cache)
-    clustered = load_drafter(a.drafter, t.config)
-    dense = load_drafter(a.drafter, t.config)
+    drafters = {"clustered": load_drafter(a.drafter[0], t.config)}
+    dense = load_drafter(a.drafter[0], t.config)
     dense.centroids = None  # scores then run the target's head over the whole vocabulary
-    drafters = {"clustered": clustered, "dense": dense}
+    drafters["dense"] = dense
+    for i, path in enumerate(a.drafter[1:], 2):
+        drafters[f"clustered_{i}"] = load_drafter(path, t.config)
     rows = time_steps(t, cache, ids, hidden, drafters, a.k, a.reps, a.reps)
     out = {"model": a.model, "drafter": a.drafter, "threads": torch.get_num_threads(), **rows}
     report(out, a.json)

@@ -62,3 +62,10 @@ def test_shipped_pair_uses_the_measured_fallback_cap():
         prop = aheadlm.load("gemma3-270m", **kw).engine.proposer
         assert isinstance(prop, HybridProposer) and prop.fallback_k == want == 2
     assert aheadlm.load("gemma3-270m", drafter="ngram+mtp", fallback_k=3).engine.proposer.fallback_k == 3
+
+
+@pytest.mark.parametrize("name", sorted(n for n in REGISTRY if default_drafter_dir(n)))
+def test_shipped_drafter_fits_the_package_cap(name):
+    """Each shipped drafter folder stays within 25 MB (the package and git history carry it)."""
+    size = sum(p.stat().st_size for p in default_drafter_dir(name).iterdir() if p.is_file())
+    assert size <= 25_000_000, f"{name}: shipped drafter is {size / 1e6:.1f} MB"

@@ -11,7 +11,9 @@ import torch
 from aheadlm.drafter import DrafterConfig, MTPDrafter, load_drafter, save_drafter
 from aheadlm.engine import Engine
 from aheadlm.errors import DrafterMismatchError, InvalidRequestError, WeightsError
+from aheadlm.kernels import cpu_kernels
 from aheadlm.kv_cache import KVCache
+from aheadlm.packed import PackedLinear, dense_state_dict
 from aheadlm.proposers import MTPProposer
 from aheadlm.speculative import SpecConfig
 from aheadlm.train.clusters import balanced_clusters
@@ -154,6 +156,32 @@ def test_clustered_head_and_folder_roundtrip(setup, tmp_path):
         a = [t for st in plain.generate(p, max_tokens=20) for t in st.token_ids]
         b = [t for st in spec.generate(p, max_tokens=20) for t in st.token_ids]
         assert a == b
+
+
+def test_int8_drafter_folder(setup, tmp_path):
+    """int8 storage: a much smaller file, every matrix within int8 rounding of the original,
+    the int8 kernel on CPU, and speculative decoding with it still lossless."""
+    target, seqs, _ = setup
+    drafter = new_drafter(target).eval()
+    save_drafter(drafter, tmp_path / "bf16")
+    save_drafter(drafter, tmp_path / "int8", int8=True)
+    size = {n: (tmp_path / n / "model.safetensors").stat().st_size for n in ("bf16", "int8")}
+    assert size["int8"] < 0.7 * size["bf16"]
+    loaded = load_drafter(tmp_path / "int8", target.config)
+    ref, got = dense_state_dict(drafter), dense_state_dict(loaded)
+    assert ref.keys() == got.keys()
+    for k, v in ref.items():
+        if v.is_floating_point():
+            # half an int8 step of the block's largest weight, plus the float16 scale's rounding
+            torch.testing.assert_close(got[k], v, rtol=0, atol=float(v.abs().max()) / 127)
+    quantized = [m for m in loaded.modules() if isinstance(m, PackedLinear) and m.block == 32]
+    assert len(quantized) >= 4 or cpu_kernels() is None
+    plain, spec = Engine(target), Engine(target, proposer=MTPProposer(loaded), spec=SpecConfig(3))
+    for s in seqs[:3]:
+        p = s.tokens[: s.n_prompt].tolist()
+        assert [t for st in plain.generate(p, max_tokens=16) for t in st.token_ids] == [
+            t for st in spec.generate(p, max_tokens=16) for t in st.token_ids
+        ]
 
 
 def test_drafter_for_another_target_is_refused(setup, tmp_path):

@@ -300,6 +300,7 @@ def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu"
     from safetensors.torch import load_file
 
     from . import gemma4_assistant as g4
+    from .packed import QTensor
 
     d = Path(directory)
     try:
@@ -315,10 +316,18 @@ def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu"
         state = load_file(str(d / "model.safetensors"))
     except (SafetensorError, OSError) as e:
         raise WeightsError(f"{d}/model.safetensors: corrupt or missing ({e})") from None
-    # our own folders ship bf16; an assistant's weights are packed to bf16 only when stored so
+    # our own folders ship bf16 or int8 matrices; an assistant's weights are packed to bf16 only
+    # when stored so
     bf16 = True
     if assistant:
         state, bf16 = g4.assistant_state(state.items(), cfg)
+    try:
+        grouped = QTensor.collect(state)
+    except KeyError as e:
+        raise WeightsError(f"{d}: int8 drafter weights lack their scales ({e})") from None
+    int8 = {k: v for k, v in grouped.items() if isinstance(v, QTensor)}
+    state = {k: v for k, v in grouped.items() if not isinstance(v, QTensor)}
+    state |= {f"{k}.weight": v.dequantize() for k, v in int8.items()}
     state = {k: (v.float() if v.is_floating_point() else v.long()).to(device) for k, v in state.items()}
     shapes = {k: tuple(v.shape) for k, v in drafter.state_dict().items()}
     missing = set(shapes) - set(state)
@@ -333,34 +342,43 @@ def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu"
         raise WeightsError(f"{d}: drafter tensor {k} has shape {tuple(state[k].shape)}, expected {shapes[k]}")
     drafter.load_state_dict(state, assign=True, strict=True)
     if str(device) == "cpu" and bf16:
-        pack_linears(drafter)
+        pack_linears(drafter, int8)
     return drafter.eval()
 
 
-def pack_linears(module: nn.Module) -> None:
-    """Run the drafter's projections through the bf16 CPU kernel (its weights ship in bf16, so
-    this changes no value, only the speed of one-row products)."""
+def pack_linears(module: nn.Module, int8: dict | None = None) -> None:
+    """Run the drafter's projections through the CPU kernels in the form they were stored in:
+    bf16, or the int8 blocks of `int8` (by module name). This changes no value, only the speed of
+    one-row products."""
     from .packed import PackedLinear, packable
 
+    int8 = int8 or {}
     for name, child in list(module.named_modules()):
-        if type(child) is nn.Linear and child.bias is None and packable(child.weight.to(torch.bfloat16)):
+        if type(child) is not nn.Linear or child.bias is not None:
+            continue
+        weight = int8.get(name, child.weight.to(torch.bfloat16))
+        if packable(weight):
             parent, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, attr, PackedLinear(child.weight.bfloat16()))
+            setattr(module.get_submodule(parent) if parent else module, attr, PackedLinear(weight))
 
 
-def save_drafter(drafter: MTPDrafter, directory: str | Path, record: dict | None = None) -> None:
+def save_drafter(drafter: MTPDrafter, directory: str | Path, record: dict | None = None, int8: bool = False) -> None:
+    """Write a drafter folder. Matrices are stored in bf16, or with `int8` as block-scaled int8
+    (Q8_0's layout, about half the size; the CPU runs them through the int8 kernel)."""
     from safetensors.torch import save_file
 
-    from .packed import dense_state_dict
+    from .packed import dense_state_dict, quantize_q8
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state = {
-        # bf16 weights and int32 token ids halve the shipped size; loading widens them again
-        k: (v.to(torch.bfloat16) if v.is_floating_point() else v.to(torch.int32)).contiguous()
-        for k, v in dense_state_dict(drafter).items()
-    }
-    save_file(state, str(d / "model.safetensors"))
+    state = {}
+    for k, v in dense_state_dict(drafter).items():
+        if int8 and k.endswith(".weight") and v.dim() == 2 and v.shape[1] % 32 == 0:
+            state |= quantize_q8(v).tensors(k.removesuffix(".weight"))
+        else:
+            # bf16 weights and int32 token ids halve the shipped size; loading widens them again
+            state[k] = v.to(torch.bfloat16) if v.is_floating_point() else v.to(torch.int32)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=1))
     if record is not None:
         (d / "training.json").write_text(json.dumps(record, indent=1))

@@ -149,6 +149,17 @@ class PackedEmbedding(nn.Module):
         return self.table.rows_linear(x, ids)
 
 
+def quantize_q8(w: torch.Tensor, block: int = 32) -> QTensor:
+    """Symmetric block-scaled int8 in GGUF Q8_0's layout: each run of `block` inputs of a row keeps
+    int8 values and one float16 scale (absmax / 127), about 8.5 bits per weight."""
+    n, k = w.shape
+    blocks = w.detach().float().reshape(n, k // block, block)
+    scale = (blocks.abs().amax(-1) / 127).to(torch.float16)
+    s = scale.float()[..., None]
+    q = torch.where(s > 0, blocks / s.clamp_min(1e-30), 0).round().clamp(-127, 127).to(torch.int8)
+    return QTensor(q.reshape(n, k), scale, None, block)
+
+
 def packable(weight: torch.Tensor | QTensor) -> bool:
     """Whether the kernels can multiply this weight (and are available)."""
     if cpu_kernels() is None:

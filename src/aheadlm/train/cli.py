@@ -76,6 +76,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
+    p.add_argument("--int8", action="store_true", help="store the matrices as block-scaled int8 (half the size)")
 
 
 def _shards(target, texts, data_dir: Path, **kw) -> tuple[list, float]:
@@ -231,6 +232,6 @@ def run(a) -> int:
         "validation_tau_k4": round(tau, 3),
         "init": init if fit_error is None else {"from": init, "pre_projection_fit_error": round(fit_error, 4)},
     }
-    save_drafter(drafter.to("cpu"), out, record)
+    save_drafter(drafter.to("cpu"), out, record, int8=a.int8)
     print(json.dumps({"out": str(out), "validation_tau_k4": round(tau, 3), "steps": state["step"]}))
     return 0
