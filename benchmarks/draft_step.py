@@ -88,12 +88,9 @@ def main() -> None:
     ids = (llm.tokenizer.encode("The history of the printing press begins with movable type. ") * 30)[:200]
     cache = KVCache(t.config, 512)
     _, hidden = t(torch.tensor([ids]), torch.arange(len(ids))[None], cache)
-    drafters = {"clustered": load_drafter(a.drafter[0], t.config)}
-    dense = load_drafter(a.drafter[0], t.config)
-    dense.centroids = None  # scores then run the target's head over the whole vocabulary
-    drafters["dense"] = dense
-    for i, path in enumerate(a.drafter[1:], 2):
-        drafters[f"clustered_{i}"] = load_drafter(path, t.config)
+    drafters = {"clustered": load_drafter(a.drafter[0], t.config), "dense": load_drafter(a.drafter[0], t.config)}
+    drafters["dense"].centroids = None  # scores then run the target's head over the whole vocabulary
+    drafters |= {f"clustered_{i}": load_drafter(p, t.config) for i, p in enumerate(a.drafter[1:], 2)}
     rows = time_steps(t, cache, ids, hidden, drafters, a.k, a.reps, a.reps)
     out = {"model": a.model, "drafter": a.drafter, "threads": torch.get_num_threads(), **rows}
     report(out, a.json)

@@ -356,7 +356,7 @@ def pack_linears(module: nn.Module, int8: dict | None = None) -> None:
     for name, child in list(module.named_modules()):
         if type(child) is not nn.Linear or child.bias is not None:
             continue
-        weight = int8.get(name, child.weight.to(torch.bfloat16))
+        weight = int8[name] if name in int8 else child.weight.to(torch.bfloat16)
         if packable(weight):
             parent, _, attr = name.rpartition(".")
             setattr(module.get_submodule(parent) if parent else module, attr, PackedLinear(weight))
