@@ -41,6 +41,40 @@ def test_bf16_matches_dense(m):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", ["q8-32", "q8-16-offset", "bf16"])
+@pytest.mark.parametrize("k", [80, 640])
+def test_rows_do_not_depend_on_the_batch(fmt, k):
+    """Each row of a batched product is bit-identical to that row alone (decode = verify = prefill):
+    the lossless promise rests on it, whatever vector width the kernels were built with."""
+    if fmt == "bf16":
+        if k % 32:
+            pytest.skip("bf16 rows need K a multiple of 32")
+        w = torch.randn(23, k).bfloat16()
+    else:
+        w = random_qtensor(23, k, 32 if fmt == "q8-32" else 16, "offset" in fmt)
+    if isinstance(w, QTensor) and k % w.block:
+        pytest.skip("K must hold whole blocks")
+    lin = PackedLinear(w)
+    x = torch.randn(70, k)
+    alone = torch.cat([lin(x[i : i + 1]) for i in range(70)])
+    for m in (2, 5, 6, 7, 13, 36, 37, 70):
+        assert torch.equal(lin(x[:m]), alone[:m]), m
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q8-offset", "bf16"])
+def test_rows_linear_reads_rows_in_place(fmt):
+    w = torch.randn(300, 64).bfloat16() if fmt == "bf16" else random_qtensor(300, 64, 32, "offset" in fmt)
+    lin = PackedLinear(w)
+    x = torch.randn(64)
+    ids = torch.tensor([299, 0, 7, 7, 150])
+    dense = w.float() if fmt == "bf16" else w.dequantize()
+    assert torch.equal(lin.rows_linear(x, ids), lin(x[None])[0, ids])  # the same sums as the full product
+    torch.testing.assert_close(lin.rows_linear(x, ids), dense[ids] @ x, atol=1e-5, rtol=1e-5)
+    assert lin.rows_linear(x, ids[:0]).shape == (0,)
+    with pytest.raises(RuntimeError, match="out of range"):
+        lin.rows_linear(x, torch.tensor([300]))
+
+
 def test_dequantize_rows():
     w = random_qtensor(10, 64, 32, True)
     rows = torch.tensor([[3, 1], [9, 0]])

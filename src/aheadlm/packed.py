@@ -84,15 +84,14 @@ class PackedLinear(nn.Module):
         return self.qtensor().dequantize() if self.block else self.w16.float()
 
     def rows_linear(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [H] @ W[ids]^T -> [n]: scores against a subset of rows (a clustered draft head).
-        Rows are gathered with index_select: advanced indexing is ~13x slower for int8 rows."""
-        rows = lambda t: t.index_select(0, ids)  # noqa: E731
+        """x [H] @ W[ids]^T -> [n]: scores against a subset of rows (a clustered draft head). The
+        kernels read the rows in place: copying them out first added about a quarter to the time."""
+        ids = ids.long().contiguous()
         if self.block:
-            off = rows(self.offset) if self.offset.numel() else self.offset
-            y = self.kernels.q8_linear(x.float()[None], rows(self.q), rows(self.scale), off, self.block)
+            y = self.kernels.q8_linear(x.float()[None], self.q, self.scale, self.offset, self.block, ids)
         else:
-            y = self.kernels.bf16_linear(x.float()[None], rows(self.w16))
-        return y[0] if self.bias is None else y[0] + rows(self.bias)
+            y = self.kernels.bf16_linear(x.float()[None], self.w16, ids)
+        return y[0] if self.bias is None else y[0] + self.bias.index_select(0, ids)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 weight rows `ids` (any shape of indices)."""

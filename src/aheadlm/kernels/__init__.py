@@ -15,12 +15,22 @@ from pathlib import Path
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 
-def cpu_supports_avx2() -> bool:
+def _cpu_flags() -> set[str]:
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return all(f" {f}" in flags for f in ("avx2", "fma", "f16c"))
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def cpu_supports_avx2() -> bool:
+    return {"avx2", "fma", "f16c"} <= _cpu_flags()
+
+
+def use_avx512() -> bool:
+    """512-bit matrix products where the CPU has AVX-512F (AHEADLM_AVX512=0 turns them off)."""
+    return os.environ.get("AHEADLM_AVX512", "1") != "0" and "avx512f" in _cpu_flags()
 
 
 @functools.cache
@@ -35,7 +45,10 @@ def cpu_kernels():
     from ..registry import cache_dir
 
     src = _SOURCE.read_bytes()
-    tag = hashlib.sha256(src + torch.__version__.encode()).hexdigest()[:12]
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
+    if use_avx512():
+        flags.append("-mavx512f")
+    tag = hashlib.sha256(src + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
     build = cache_dir() / "kernels" / tag
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob("*.so")):
@@ -45,7 +58,7 @@ def cpu_kernels():
             name=f"aheadlm_cpu_kernels_{tag}",
             sources=[str(_SOURCE)],
             build_directory=str(build),
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"],
+            extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
