@@ -20,6 +20,7 @@ import torch
 
 import aheadlm
 from aheadlm.drafter import load_drafter
+from aheadlm.kernels import kernel_build
 from aheadlm.kv_cache import KVCache
 
 
@@ -92,8 +93,8 @@ def main() -> None:
     drafters["dense"].centroids = None  # scores then run the target's head over the whole vocabulary
     drafters |= {f"clustered_{i}": load_drafter(p, t.config) for i, p in enumerate(a.drafter[1:], 2)}
     rows = time_steps(t, cache, ids, hidden, drafters, a.k, a.reps, a.reps)
-    out = {"model": a.model, "drafter": a.drafter, "threads": torch.get_num_threads(), **rows}
-    report(out, a.json)
+    setup = {"model": a.model, "drafter": a.drafter, "threads": torch.get_num_threads(), "kernels": kernel_build()}
+    report(setup | rows, a.json)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ def test_bench_command_writes_results_and_plot(tmp_path, capsys):
     argv = ["bench", "-m", "smollm2-135m", "--prompts", prompts, "--methods", "ngram", "--max-tokens", "24"]
     assert main(argv + ["--adaptive", "--json", str(out), "--plot", str(png), "--quiet"]) == 0
     result = json.loads(out.read_text())
+    assert result["kernels"] in ("avx512", "avx2", "none") and result["threads"] >= 1
     assert list(result["methods"]) == ["none", "ngram", "ngram/adaptive"]
     for label, per_cat in result["methods"].items():
         assert list(per_cat) == ["coding", "qa", "all"]

@@ -17,9 +17,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .api import LLM, load
 from .engine import Engine, GenerationStats
 from .errors import InvalidRequestError
+from .kernels import kernel_build
 from .proposers import make_proposer
 from .speculative import SpecConfig
 
@@ -187,6 +190,8 @@ def run_bench(args) -> dict:
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "dtype": args.dtype or "float32",
+        "kernels": kernel_build(),
+        "threads": torch.get_num_threads(),
         "methods": {},
     }
     for label in runners:

@@ -65,3 +65,11 @@ def cpu_kernels():
     except (RuntimeError, OSError, ImportError) as e:
         warnings.warn(f"aheadlm CPU kernels unavailable, using dense matmuls ({e})", stacklevel=2)
         return None
+
+
+def kernel_build() -> str:
+    """Which matrix kernels this process runs: "avx512", "avx2", or "none" (dense torch matmuls).
+    Recorded with benchmark results, since speeds differ between the builds."""
+    if cpu_kernels() is None:
+        return "none"
+    return "avx512" if use_avx512() else "avx2"
