@@ -10,22 +10,11 @@ bit-identical.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from draft_step import median_ms  # the same timer as the draft-step benchmark (this folder)
 
 import aheadlm
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ from pathlib import Path
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
 
+@functools.cache
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -28,9 +29,14 @@ def cpu_supports_avx2() -> bool:
     return {"avx2", "fma", "f16c"} <= _cpu_flags()
 
 
-def use_avx512() -> bool:
-    """512-bit matrix products where the CPU has AVX-512F (AHEADLM_AVX512=0 turns them off)."""
-    return os.environ.get("AHEADLM_AVX512", "1") != "0" and "avx512f" in _cpu_flags()
+@functools.cache
+def _build_flags() -> tuple[str, ...]:
+    """Compiler flags of this process's kernels: 512-bit matrix products where the CPU has
+    AVX-512F (AHEADLM_AVX512=0 turns them off), else AVX2."""
+    flags = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
+    if os.environ.get("AHEADLM_AVX512", "1") != "0" and "avx512f" in _cpu_flags():
+        flags += ("-mavx512f",)
+    return flags
 
 
 @functools.cache
@@ -45,9 +51,7 @@ def cpu_kernels():
     from ..registry import cache_dir
 
     src = _SOURCE.read_bytes()
-    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
-    if use_avx512():
-        flags.append("-mavx512f")
+    flags = list(_build_flags())
     tag = hashlib.sha256(src + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
     build = cache_dir() / "kernels" / tag
     build.mkdir(parents=True, exist_ok=True)
@@ -72,4 +76,4 @@ def kernel_build() -> str:
     Recorded with benchmark results, since speeds differ between the builds."""
     if cpu_kernels() is None:
         return "none"
-    return "avx512" if use_avx512() else "avx2"
+    return "avx512" if "-mavx512f" in _build_flags() else "avx2"
