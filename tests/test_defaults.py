@@ -19,7 +19,8 @@ MESSAGES = [
 FLOORS = {"gemma3-270m": 1.8, "smollm2-135m": 1.1}
 MTP_FLOORS = {"gemma3-270m": 1.9}
 """The shipped MTP drafter on its own, k = 2: behind lookup a broken drafter would barely show.
-Measured on MESSAGES: 2.17 for the two-layer drafter shipped now, 2.11 for the one-layer one before."""
+Measured on MESSAGES: 2.21 for the two-layer drafter shipped now (8 kept clusters; 2.17 with 16),
+2.11 for the one-layer one before."""
 
 
 def lossless_tau(llm, plain) -> float:
