@@ -8,14 +8,15 @@ and with a dense head over the whole vocabulary (the same drafter with its clust
 With several `--drafter` folders, each one's clustered step is timed in the same run (the dense
 head only for the first).
 
-The clustered step is timed twice: `draft_step_X_ms` repeats one input, so its 4,096-odd candidate
-rows stay in the CPU caches; `draft_step_X_varied_ms` feeds a different (token, hidden state) pair,
+The clustered step is timed twice: `draft_step_X_ms` repeats one input, so its candidate rows stay
+in the CPU caches; `draft_step_X_varied_ms` feeds a different (token, hidden state) pair,
 taken from a varied paragraph, each time, so candidate rows come from memory as in real rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -77,11 +78,10 @@ def time_steps(
 
     def step(d, pairs=((tok, h),)):
         ctx = d.round_context(target, cache, torch.tensor([n - 1]))  # per drafter: its layer types
-        turn = [0]
+        turns = itertools.cycle(pairs)
 
         def run():
-            x, hx = pairs[turn[0] % len(pairs)]
-            turn[0] += 1
+            x, hx = next(turns)
             head_in, _ = d.step(target, x, hx, ctx)
             d.scores(target, head_in[0])
 
