@@ -30,11 +30,24 @@ def test_read_prompts_keeps_categories_balanced_and_refuses_bad_lines(tmp_path):
 def test_parse_methods_sweeps_k_and_adaptive():
     got = parse_methods("none,ngram", "2,4", adaptive=True)
     assert got == [
-        ("none", "none", 1, False),
-        ("ngram/k2", "ngram", 2, False),
-        ("ngram/k4", "ngram", 4, False),
-        ("ngram/adaptive", "ngram", 4, True),
+        ("none", "none", 1, False, None),
+        ("ngram/k2", "ngram", 2, False, None),
+        ("ngram/k4", "ngram", 4, False, None),
+        ("ngram/adaptive", "ngram", 4, True, None),
     ]
+
+
+def test_parse_methods_sweeps_thresholds_of_model_drafters_only():
+    got = parse_methods("ngram,mtp", "4", adaptive=False, thresholds="0,0.3")
+    assert got == [
+        ("none", "none", 1, False, None),
+        ("ngram", "ngram", 4, False, 0.0),  # lookup has no confidence: one run
+        ("mtp/t0", "mtp", 4, False, 0.0),
+        ("mtp/t0.3", "mtp", 4, False, 0.3),
+    ]
+    for ks, ths in (("4", "x"), ("4", "1.5"), ("0", "0"), ("two", "0")):
+        with pytest.raises(InvalidRequestError):
+            parse_methods("mtp", ks, False, ths)
 
 
 def test_bench_command_writes_results_and_plot(tmp_path, capsys):

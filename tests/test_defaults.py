@@ -18,9 +18,9 @@ MESSAGES = [
 ]
 FLOORS = {"gemma3-270m": 1.8, "smollm2-135m": 1.1}
 MTP_FLOORS = {"gemma3-270m": 1.9}
-"""The shipped MTP drafter on its own, k = 2: behind lookup a broken drafter would barely show.
-Measured on MESSAGES: 2.21 for the two-layer drafter shipped now (8 kept clusters; 2.17 with 16),
-2.11 for the one-layer one before."""
+"""The shipped MTP drafter on its own, k = 2, drafting whatever its confidence (threshold 0):
+behind lookup a broken drafter would barely show. Measured on MESSAGES: 2.21 for the two-layer
+drafter shipped now (8 kept clusters; 2.17 with 16), 2.11 for the one-layer one before."""
 
 
 def lossless_tau(llm, plain) -> float:
@@ -48,7 +48,7 @@ def test_default_proposer_is_lossless_and_accepts(name):
 
 @pytest.mark.parametrize("name", sorted(n for n in REGISTRY if default_drafter_dir(n)))
 def test_shipped_drafter_alone_is_lossless_and_accepts(name):
-    llm = aheadlm.load(name, drafter="mtp", draft_tokens=2)
+    llm = aheadlm.load(name, drafter="mtp", draft_tokens=2, threshold=0.0)
     tau = lossless_tau(llm, aheadlm.load(name, drafter="none"))
     print(f"{name} shipped drafter: tau {tau:.2f}")
     assert tau >= MTP_FLOORS[name], f"{name}: shipped drafter tau {tau:.2f} below the floor {MTP_FLOORS[name]}"
@@ -64,6 +64,18 @@ def test_shipped_pair_uses_the_measured_fallback_cap():
         prop = aheadlm.load("gemma3-270m", **kw).engine.proposer
         assert isinstance(prop, HybridProposer) and prop.fallback_k == want == 2
     assert aheadlm.load("gemma3-270m", drafter="ngram+mtp", fallback_k=3).engine.proposer.fallback_k == 3
+
+
+def test_shipped_drafter_alone_uses_the_measured_threshold():
+    """`--drafter mtp` gates drafts at the registry's measured confidence threshold; behind lookup
+    (the default) the drafter drafts ungated; an explicit threshold wins in both."""
+    reg = REGISTRY["gemma3-270m"]
+    assert aheadlm.load("gemma3-270m", drafter="mtp").engine.proposer.threshold == reg.default_threshold == 0.25
+    assert aheadlm.load("gemma3-270m").engine.proposer.fallback.threshold == 0.0
+    assert aheadlm.load("gemma3-270m", drafter="mtp", threshold=0.4).engine.proposer.threshold == 0.4
+    assert aheadlm.load("gemma3-270m", drafter="ngram+mtp", threshold=0.4).engine.proposer.fallback.threshold == 0.4
+    with pytest.raises(aheadlm.errors.InvalidRequestError, match="threshold"):
+        aheadlm.load("gemma3-270m", threshold=1.5)
 
 
 @pytest.mark.parametrize("name", sorted(n for n in REGISTRY if default_drafter_dir(n)))

@@ -2,7 +2,8 @@
 
 A tiny random target with a 12-token vocabulary, and drafters that are wrong part of the time (a
 random MTP drafter sampling from its own distribution q, the same with a clustered head whose q
-covers only its candidates, and a noisy oracle with point-mass q).
+covers only its candidates, the first drafter gated by a confidence threshold so that about half
+its rounds verify no draft, and a noisy oracle with point-mass q).
 The empirical distribution of the first three sampled tokens is compared with the exact one,
 computed from the target's processed probabilities. Per-token bounds are 4 standard errors; with
 N = 40,000 (slow suite) that is at most 0.01 absolute, so a 1% bias fails.
@@ -90,6 +91,31 @@ def drafters(target):
     return {"mtp": MTPProposer(mtp), "mtp-clustered": MTPProposer(clustered), "point-mass": NoisyGreedy()}
 
 
+def gated(target, params) -> MTPProposer:
+    """The random drafter, drafting only at or above its median confidence under `params`, so
+    about half its rounds verify no draft at all."""
+    import aheadlm.proposers as proposers
+
+    proposer = drafters(target)["mtp"]
+    seen, choose = [], proposers.choose_draft
+
+    def recording(*a, **kw):
+        out = choose(*a, **kw)
+        seen.append(out[2])
+        return out
+
+    proposers.choose_draft = recording
+    try:
+        engine = Engine(target, proposer=proposer, spec=SpecConfig(num_draft=2))
+        for seed in range(50):
+            p = SamplingParams(params.temperature, params.top_k, params.top_p, seed=seed)
+            list(engine.generate(PROMPT, p, max_tokens=3))
+    finally:
+        proposers.choose_draft = choose
+    proposer.threshold = sorted(seen)[len(seen) // 2]
+    return proposer
+
+
 def check(target, proposer, params, n):
     exact = exact_joint(target, params)
     engine = Engine(target, proposer=proposer, spec=SpecConfig(num_draft=2))
@@ -117,14 +143,14 @@ def check(target, proposer, params, n):
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_speculative_sampling_distribution(target, setting):
-    for proposer in drafters(target).values():
+    for proposer in [*drafters(target).values(), gated(target, SETTINGS[setting])]:
         check(target, proposer, SETTINGS[setting], n=3000)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_speculative_sampling_distribution_40k(target, setting):
-    for proposer in drafters(target).values():
+    for proposer in [*drafters(target).values(), gated(target, SETTINGS[setting])]:
         check(target, proposer, SETTINGS[setting], n=40000)
 
 

@@ -124,6 +124,43 @@ def test_adaptive_and_threshold_stay_lossless(target):
         assert got == ref
 
 
+def median_confidence(monkeypatch, engine, prompts, params=None) -> float:
+    """The median confidence of the drafts `engine`'s MTP proposer makes (recorded in passing)."""
+    import aheadlm.proposers as proposers
+
+    seen, choose = [], proposers.choose_draft
+
+    def recording(*a, **kw):
+        out = choose(*a, **kw)
+        seen.append(out[2])
+        return out
+
+    monkeypatch.setattr(proposers, "choose_draft", recording)
+    for prompt in prompts:
+        run(engine, prompt, params, max_tokens=30)
+    monkeypatch.undo()
+    return sorted(seen)[len(seen) // 2]
+
+
+def test_threshold_gates_whole_rounds_and_stays_lossless(target, monkeypatch):
+    drafter = random_drafter(target, seed=3)
+    mid = median_confidence(monkeypatch, Engine(target, proposer=MTPProposer(drafter)), PROMPTS)
+    plain = Engine(target)
+    gated = Engine(target, proposer=MTPProposer(drafter, threshold=mid), spec=SpecConfig(3))
+    sources = {}
+    for prompt in PROMPTS:
+        ref, _, _ = run(plain, prompt, max_tokens=30)
+        got, _, stats = run(gated, prompt, max_tokens=30)
+        assert got == ref
+        for src, counts in stats.by_source.items():
+            sources[src] = sources.get(src, 0) + counts[0]
+    # Some rounds drafted, and some drafted nothing because the first draft fell below the threshold.
+    assert sources.get("mtp", 0) > 0 and sources.get("", 0) > 0
+    never = Engine(target, proposer=MTPProposer(drafter, threshold=1.0 + 1e-6), spec=SpecConfig(3))
+    _, _, stats = run(never, PROMPTS[0], max_tokens=10)
+    assert stats.drafted == 0
+
+
 def test_repetition_penalty_greedy_identity(target):
     params = SamplingParams(repetition_penalty=1.3)
     plain = Engine(target)

@@ -192,7 +192,7 @@ def load(
     drafter: str | os.PathLike | None = None,
     draft_tokens: int = 4,
     adaptive: bool | None = None,
-    threshold: float = 0.0,
+    threshold: float | None = None,
     fallback_k: int | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
@@ -203,13 +203,16 @@ def load(
     `drafter`: None (the model's shipped MTP drafter when there is one), "none", "ngram", "mtp",
     "draft:MODEL" or an MTP drafter folder. `draft_tokens` is k, the most drafts per round;
     `adaptive` picks k per round for the best measured speed (None: on when the registered model's
-    measured default uses it and no drafter is named); `threshold` ends a round early when
-    the drafter's confidence falls below it; `fallback_k` caps the drafts of X in "ngram+X" when
+    measured default uses it and no drafter is named); `threshold` makes a model drafter draft only
+    while its confidence is at least this (None: the value measured for the shipped drafter, else
+    0); `fallback_k` caps the drafts of X in "ngram+X" when
     lookup finds nothing (None: k)."""
     if not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 32:
         raise InvalidRequestError(f"draft_tokens must be in 1..32, got {draft_tokens!r}")
     if fallback_k is not None and (not isinstance(fallback_k, int) or not 1 <= fallback_k <= 32):
         raise InvalidRequestError(f"fallback_k must be in 1..32, got {fallback_k!r}")
+    if threshold is not None and (not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0):
+        raise InvalidRequestError(f"threshold must be in 0..1, got {threshold!r}")
     path = resolve(model)
     device = resolve_device(device)
     net, tokenizer = load_model(path, resolve_dtype(dtype), device)

@@ -134,18 +134,32 @@ class Tally:
         return out
 
 
-def parse_methods(methods: str, draft_tokens: str, adaptive: bool) -> list[tuple[str, str, int, bool]]:
-    """-> [(label, drafter spec, k, adaptive)]; 'none' always runs first as the baseline."""
-    ks = [int(k) for k in str(draft_tokens).split(",") if k]
-    out = [("none", "none", 1, False)]
+def parse_methods(
+    methods: str, draft_tokens: str, adaptive: bool, thresholds: str | None = None
+) -> list[tuple[str, str, int, bool, float | None]]:
+    """-> [(label, drafter spec, k, adaptive, threshold)]; 'none' always runs first as the
+    baseline. Lists of k and thresholds are swept (threshold None: the shipped drafter's
+    default); lookup alone has no confidence, so it runs once."""
+    try:
+        ks = [int(k) for k in str(draft_tokens).split(",") if k]
+        ths = [None] if thresholds is None else [float(t) for t in str(thresholds).split(",") if t]
+    except ValueError as e:
+        raise InvalidRequestError(f"--draft-tokens and --threshold take numbers or comma lists: {e}") from None
+    if not ks or any(not 1 <= k <= 32 for k in ks):
+        raise InvalidRequestError(f"--draft-tokens must be in 1..32, got {draft_tokens!r}")
+    if not ths or any(t is not None and not 0.0 <= t <= 1.0 for t in ths):
+        raise InvalidRequestError(f"--threshold must be in 0..1, got {thresholds!r}")
+    out = [("none", "none", 1, False, None)]
     for m in [m.strip() for m in methods.split(",") if m.strip()]:
         if m == "none":
             continue
-        for k in ks:
-            label = m if len(ks) == 1 else f"{m}/k{k}"
-            out.append((label, m, k, False))
-        if adaptive:
-            out.append((f"{m}/adaptive", m, max(ks), True))
+        for th in ths[:1] if m == "ngram" else ths:
+            tag = f"/t{th:g}" if len(ths) > 1 and m != "ngram" else ""
+            for k in ks:
+                label = (m if len(ks) == 1 else f"{m}/k{k}") + tag
+                out.append((label, m, k, False, th))
+            if adaptive:
+                out.append((f"{m}/adaptive{tag}", m, max(ks), True, th))
     return out
 
 
@@ -154,8 +168,8 @@ def run_bench(args) -> dict:
     prompts = read_prompts(args.prompts, args.category, args.limit)
     target = llm.engine.model
     runners: dict[str, LLM] = {}
-    for label, spec, k, adaptive in parse_methods(args.methods, args.draft_tokens, args.adaptive):
-        prop = make_proposer(spec, target, model_name=args.model, threshold=args.threshold, fallback_k=args.fallback_k)
+    for label, spec, k, adaptive, th in parse_methods(args.methods, args.draft_tokens, args.adaptive, args.threshold):
+        prop = make_proposer(spec, target, model_name=args.model, threshold=th, fallback_k=args.fallback_k)
         if spec not in ("none",) and prop is None:
             raise InvalidRequestError(f"method {spec!r} has no drafter for {args.model}")
         runners[label] = LLM(Engine(target, proposer=prop, spec=SpecConfig(k, adaptive)), llm.tokenizer, llm.name)

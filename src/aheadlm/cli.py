@@ -34,7 +34,12 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="choose k per round for the best measured speed (default: as measured best for the model)",
     )
-    p.add_argument("--threshold", type=float, default=0.0, help="end a round when draft confidence drops below")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="draft only while the drafter's confidence is at least this (default: measured for the shipped drafter)",
+    )
     p.add_argument(
         "--fallback-k", type=int, default=None, help="with ngram+X: most drafts of X when lookup finds nothing"
     )
@@ -250,7 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--draft-tokens", default="4", help="k, or a comma list to sweep (e.g. 2,4,6)")
     b.add_argument("--adaptive", action="store_true", help="also run each method with adaptive k")
-    b.add_argument("--threshold", type=float, default=0.0)
+    b.add_argument(
+        "--threshold",
+        default=None,
+        help="draft only while the drafter's confidence is at least this (default: measured for the shipped "
+        "drafter); a comma list sweeps",
+    )
     b.add_argument("--fallback-k", type=int, default=None, help="with ngram+X: most drafts of X (default: k)")
     b.add_argument("--dtype", default=None)
     b.add_argument("--device", default=None)

@@ -88,7 +88,9 @@ class MTPProposer(Proposer):
     def __init__(self, drafter: MTPDrafter, threshold: float = 0.0):
         self.drafter = drafter
         self.threshold = threshold
-        """Adaptive drafting: end the round before a draft whose confidence is below this."""
+        """Draft only while the drafter's confidence is at least this: the round ends before a
+        draft below it, and a round whose first draft is below it drafts nothing (a plain decode
+        step, which costs less than verifying a draft that is likely rejected)."""
 
     @torch.inference_mode()
     def propose(self, state, k, params, generator):
@@ -103,12 +105,12 @@ class MTPProposer(Proposer):
         for _ in range(k):
             head_in, h = d.step(target, tok, h, ctx)
             choice, q, conf = choose_draft(d, target, head_in[0], params, generator)
-            if conf < self.threshold and tokens:
+            if conf < self.threshold:
                 break
             tokens.append(choice)
             qs.append(q)
             tok = torch.tensor([choice])
-        return Draft(tokens, None if params.greedy else torch.stack(qs), self.name)
+        return Draft(tokens, None if params.greedy or not qs else torch.stack(qs), self.name)
 
 
 class NgramProposer(Proposer):
@@ -211,13 +213,13 @@ class DraftModelProposer(Proposer):
         tokens, qs = [], []
         for i in range(k):
             choice, q, conf = _choose(logits, params, generator)
-            if conf < self.threshold and tokens:
+            if conf < self.threshold:
                 break
             tokens.append(choice)
             qs.append(q)
             if i + 1 < k:
                 logits = self._feed(toks + tokens)
-        return Draft(tokens, None if params.greedy else torch.stack(qs), self.name)
+        return Draft(tokens, None if params.greedy or not qs else torch.stack(qs), self.name)
 
     def after_verify(self, state):
         # Keep the longest prefix still part of the sequence; rejected drafts are forgotten, and
@@ -253,7 +255,7 @@ def make_proposer(
     *,
     model_name: str | None = None,
     n_ctx: int = 4096,
-    threshold: float = 0.0,
+    threshold: float | None = None,
     fallback_k: int | None = None,
     dtype=None,
 ) -> Proposer | None:
@@ -261,7 +263,7 @@ def make_proposer(
     `Registered.default_proposer`; plain decoding for other models), "none", "ngram", "mtp" (the
     drafter that ships for the model), "draft:MODEL" (a smaller model with the same tokenizer),
     "ngram+X" (lookup first, X with at most `fallback_k` drafts when it finds nothing), or a
-    drafter folder."""
+    drafter folder. `threshold` None: the registered value for the shipped drafter, else 0."""
     from pathlib import Path
 
     from .checkpoint import load_model
@@ -277,7 +279,7 @@ def make_proposer(
             from .progress import status
 
             status(f"using the MTP drafter {sibling} (pass --drafter none to turn it off)")
-            return MTPProposer(load_drafter(sibling, target.config, device), threshold)
+            return MTPProposer(load_drafter(sibling, target.config, device), threshold or 0.0)
         if reg is None:  # a model we have not measured: plain decoding
             return None
         spec = reg.default_proposer
@@ -289,7 +291,9 @@ def make_proposer(
             raise ModelNotFoundError(f"drafter {spec!r}: combinations are ngram+PROPOSER")
         if fallback_k is None and rest == "mtp" and model_name in REGISTRY:  # the shipped pair's measured cap
             fallback_k = REGISTRY[model_name].default_fallback_k
-        inner = make_proposer(rest, target, model_name=model_name, n_ctx=n_ctx, threshold=threshold, dtype=dtype)
+        # Behind lookup the drafter's threshold measured level (docs/benchmarks.md): none unless asked.
+        th = 0.0 if threshold is None else threshold
+        inner = make_proposer(rest, target, model_name=model_name, n_ctx=n_ctx, threshold=th, dtype=dtype)
         return NgramProposer() if inner is None else HybridProposer(NgramProposer(), inner, fallback_k)
     if spec == "mtp":
         d = default_drafter_dir(model_name) if model_name else None
@@ -297,6 +301,8 @@ def make_proposer(
             raise ModelNotFoundError(
                 f"no MTP drafter ships for {model_name!r}: train one (aheadlm train-drafter) and pass its folder"
             )
+        if threshold is None:  # the value measured for the shipped drafter
+            threshold = REGISTRY[model_name].default_threshold if model_name in REGISTRY else 0.0
         return MTPProposer(load_drafter(d, target.config, device), threshold)
     if spec == "none":
         return None
@@ -306,8 +312,8 @@ def make_proposer(
         draft_model, _ = load_model(resolve(spec[len("draft:") :]), dtype or target.embed_dtype(), device)
         if draft_model.config.vocab_size != target.config.vocab_size:
             raise DrafterMismatchError("the draft model's vocabulary differs from the target's")
-        return DraftModelProposer(draft_model, n_ctx, threshold)
+        return DraftModelProposer(draft_model, n_ctx, threshold or 0.0)
     path = Path(spec).expanduser()
     if not (path / "config.json").exists():
         raise ModelNotFoundError(f"drafter {spec!r} not found: use none, ngram, mtp, draft:MODEL or a drafter folder")
-    return MTPProposer(load_drafter(path, target.config, device), threshold)
+    return MTPProposer(load_drafter(path, target.config, device), threshold or 0.0)
