@@ -67,10 +67,11 @@ def test_shipped_pair_uses_the_measured_fallback_cap():
 
 
 def test_shipped_drafter_alone_uses_the_measured_threshold():
-    """`--drafter mtp` gates drafts at the registry's measured confidence threshold; behind lookup
-    (the default) the drafter drafts ungated; an explicit threshold wins in both."""
-    reg = REGISTRY["gemma3-270m"]
-    assert aheadlm.load("gemma3-270m", drafter="mtp").engine.proposer.threshold == reg.default_threshold == 0.25
+    """`--drafter mtp` gates drafts at the threshold measured for the shipped drafter (its config's
+    `draft_threshold`, 0.25); behind lookup (the default) the drafter drafts ungated; an explicit
+    threshold wins in both."""
+    prop = aheadlm.load("gemma3-270m", drafter="mtp").engine.proposer
+    assert prop.threshold == prop.drafter.config.draft_threshold == 0.25
     assert aheadlm.load("gemma3-270m").engine.proposer.fallback.threshold == 0.0
     assert aheadlm.load("gemma3-270m", drafter="mtp", threshold=0.4).engine.proposer.threshold == 0.4
     assert aheadlm.load("gemma3-270m", drafter="ngram+mtp", threshold=0.4).engine.proposer.fallback.threshold == 0.4

@@ -35,6 +35,10 @@ def test_train_drafter_command_end_to_end(tmp_path):
     record = json.loads((out / "training.json").read_text())
     assert record["target"] == "smollm2-135m" and record["init"]["from"] == "target"
     assert record["train"]["step"] == 4 and record["target_written_tokens"] > 0 and record["validation_tau_k4"] >= 1
+    # the threshold chosen on held-out rounds is the drafter's default, and the best modeled choice
+    chosen = record["draft_threshold"]
+    assert chosen["held_out_rounds"] > 0 and chosen["modeled_speed"] >= chosen["modeled_speed_ungated"]
+    assert json.loads((out / "config.json").read_text())["draft_threshold"] == chosen["chosen"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
     shards = sorted((out / "data").glob("shard_*.safetensors"))
     stamps = [p.stat().st_mtime for p in shards]
@@ -45,6 +49,8 @@ def test_train_drafter_command_end_to_end(tmp_path):
     assert [p.stat().st_mtime for p in shards] == stamps
 
     llm = aheadlm.load("smollm2-135m", drafter=str(out))
+    threshold = json.loads((out / "config.json").read_text())["draft_threshold"]
+    assert llm.engine.proposer.threshold == threshold
     plain = aheadlm.load("smollm2-135m", drafter="none")
     msgs = [{"role": "user", "content": "List three prime numbers."}]
     assert llm.chat(msgs, max_tokens=24).token_ids == plain.chat(msgs, max_tokens=24).token_ids

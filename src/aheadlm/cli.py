@@ -38,7 +38,8 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
         "--threshold",
         type=float,
         default=None,
-        help="draft only while the drafter's confidence is at least this (default: measured for the shipped drafter)",
+        help="draft only while the drafter's confidence is at least this (default: the MTP drafter's own, "
+        "chosen when it was trained; 0 behind lookup)",
     )
     p.add_argument(
         "--fallback-k", type=int, default=None, help="with ngram+X: most drafts of X when lookup finds nothing"
@@ -258,8 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--threshold",
         default=None,
-        help="draft only while the drafter's confidence is at least this (default: measured for the shipped "
-        "drafter); a comma list sweeps",
+        help="draft only while the drafter's confidence is at least this (default: the MTP drafter's own); "
+        "a comma list sweeps",
     )
     b.add_argument("--fallback-k", type=int, default=None, help="with ngram+X: most drafts of X (default: k)")
     b.add_argument("--dtype", default=None)

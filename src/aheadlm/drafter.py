@@ -60,6 +60,9 @@ class DrafterConfig:
     num_centroids: int = 0
     """0 = dense head; else clustered head: score centroids, keep `centroid_top_k` clusters."""
     centroid_top_k: int = 32
+    draft_threshold: float = 0.0
+    """Confidence below which drafting stops when the user gives no threshold: chosen on held-out
+    rounds at the end of training (train/calibrate.py), or measured; 0 drafts always."""
     target_arch: str = ""
     target_layer_types: tuple[str, ...] = ()
     """The target's layer types, recorded to refuse a drafter built for another model."""
@@ -78,6 +81,8 @@ class DrafterConfig:
         object.__setattr__(self, "target_layer_types", tuple(self.target_layer_types))
         if self.query_scale == 0.0:
             object.__setattr__(self, "query_scale", self.head_dim**-0.5)
+        if not isinstance(self.draft_threshold, int | float) or not 0.0 <= self.draft_threshold <= 1.0:
+            raise TypeError(f"draft_threshold must be a number in 0..1, got {self.draft_threshold!r}")
 
     @classmethod
     def for_target(cls, target: ModelConfig, **kw: Any) -> DrafterConfig:

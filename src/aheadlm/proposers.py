@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,8 @@ class Draft:
     """[len(tokens), V] drafter's processed distributions; None means chosen deterministically."""
     source: str = ""
     """Name of the proposer that made it (a hybrid reports which half drafted)."""
+    confidences: list[float] = field(default_factory=list)
+    """A model drafter's confidence in each token (what its threshold compares)."""
 
 
 @dataclass
@@ -85,12 +87,13 @@ class MTPProposer(Proposer):
 
     name = "mtp"
 
-    def __init__(self, drafter: MTPDrafter, threshold: float = 0.0):
+    def __init__(self, drafter: MTPDrafter, threshold: float | None = None):
         self.drafter = drafter
-        self.threshold = threshold
+        self.threshold = drafter.config.draft_threshold if threshold is None else threshold
         """Draft only while the drafter's confidence is at least this: the round ends before a
         draft below it, and a round whose first draft is below it drafts nothing (a plain decode
-        step, which costs less than verifying a draft that is likely rejected)."""
+        step, which costs less than verifying a draft that is likely rejected). None: the value
+        measured for the drafter (its config's `draft_threshold`)."""
 
     @torch.inference_mode()
     def propose(self, state, k, params, generator):
@@ -101,7 +104,7 @@ class MTPProposer(Proposer):
         ctx = d.round_context(target, state.cache, pos)
         tok = torch.tensor([state.tokens[-1]])
         h = state.hidden[None].to(d.dtype)
-        tokens, qs = [], []
+        tokens, qs, confs = [], [], []
         for _ in range(k):
             head_in, h = d.step(target, tok, h, ctx)
             choice, q, conf = choose_draft(d, target, head_in[0], params, generator)
@@ -109,8 +112,9 @@ class MTPProposer(Proposer):
                 break
             tokens.append(choice)
             qs.append(q)
+            confs.append(conf)
             tok = torch.tensor([choice])
-        return Draft(tokens, None if params.greedy or not qs else torch.stack(qs), self.name)
+        return Draft(tokens, None if params.greedy or not qs else torch.stack(qs), self.name, confs)
 
 
 class NgramProposer(Proposer):
@@ -263,7 +267,8 @@ def make_proposer(
     `Registered.default_proposer`; plain decoding for other models), "none", "ngram", "mtp" (the
     drafter that ships for the model), "draft:MODEL" (a smaller model with the same tokenizer),
     "ngram+X" (lookup first, X with at most `fallback_k` drafts when it finds nothing), or a
-    drafter folder. `threshold` None: the registered value for the shipped drafter, else 0."""
+    drafter folder. `threshold` None: each MTP drafter's own measured value (`draft_threshold` in
+    its config), 0 behind lookup and for draft models."""
     from pathlib import Path
 
     from .checkpoint import load_model
@@ -279,7 +284,7 @@ def make_proposer(
             from .progress import status
 
             status(f"using the MTP drafter {sibling} (pass --drafter none to turn it off)")
-            return MTPProposer(load_drafter(sibling, target.config, device), threshold or 0.0)
+            return MTPProposer(load_drafter(sibling, target.config, device), threshold)
         if reg is None:  # a model we have not measured: plain decoding
             return None
         spec = reg.default_proposer
@@ -301,8 +306,6 @@ def make_proposer(
             raise ModelNotFoundError(
                 f"no MTP drafter ships for {model_name!r}: train one (aheadlm train-drafter) and pass its folder"
             )
-        if threshold is None:  # the value measured for the shipped drafter
-            threshold = REGISTRY[model_name].default_threshold if model_name in REGISTRY else 0.0
         return MTPProposer(load_drafter(d, target.config, device), threshold)
     if spec == "none":
         return None
@@ -316,4 +319,4 @@ def make_proposer(
     path = Path(spec).expanduser()
     if not (path / "config.json").exists():
         raise ModelNotFoundError(f"drafter {spec!r} not found: use none, ngram, mtp, draft:MODEL or a drafter folder")
-    return MTPProposer(load_drafter(path, target.config, device), threshold or 0.0)
+    return MTPProposer(load_drafter(path, target.config, device), threshold)

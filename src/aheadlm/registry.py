@@ -34,9 +34,6 @@ class Registered:
     default_fallback_k: int | None = None
     """For "ngram+mtp" (named or by default) with no --fallback-k: the most drafts of the shipped
     drafter per round when lookup finds nothing."""
-    default_threshold: float = 0.0
-    """With the shipped drafter drafting alone (`--drafter mtp`) and no --threshold: draft only
-    while its confidence is at least this. Measured per drafter; behind lookup it stays 0."""
 
 
 REGISTRY = {
@@ -48,7 +45,6 @@ REGISTRY = {
         drafter="gemma3-270m",
         default_proposer="ngram+mtp",
         default_fallback_k=2,
-        default_threshold=0.25,
     ),
     "smollm2-135m": Registered(
         "smollm2-135m",

@@ -5,6 +5,7 @@ aheadlm train-drafter --model gemma3-270m --out runs/gemma3-drafter --tokens 200
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -20,6 +21,7 @@ from ..errors import InvalidRequestError
 from ..progress import status
 from ..proposers import MTPProposer
 from ..speculative import SpecConfig
+from .calibrate import choose_threshold, modeled_speed, record_rounds
 from .clusters import balanced_clusters, use_clusters
 from .data import build_prompts, corpus_sequences, load_conversations
 from .distill import load_shard, shard_seconds, write_shards
@@ -216,6 +218,14 @@ def run(a) -> int:
         return 0  # the first process evaluates and writes the drafter folder
     drafter.eval()
     tau = evaluate(drafter)
+    # The confidence below which the drafter stops drafting by default, from held-out rounds.
+    rounds = record_rounds(llm.engine.model, drafter, val, llm.tokenizer.stop_ids, max_tokens=a.eval_tokens)
+    threshold = choose_threshold(rounds)
+    drafter.config = dataclasses.replace(drafter.config, draft_threshold=threshold)
+    status(
+        f"draft threshold {threshold:g} (modeled speed {modeled_speed(rounds, threshold):.3f} against "
+        f"{modeled_speed(rounds, 0.0):.3f} ungated, {len(rounds)} held-out rounds)"
+    )
     record = {
         "target": a.model,
         "target_config": tcfg.to_dict(),
@@ -230,6 +240,12 @@ def run(a) -> int:
         "train": {k: state[k] for k in ("step", "anchors", "seconds", "evals", "last") if k in state},
         "train_config": state.get("config"),
         "validation_tau_k4": round(tau, 3),
+        "draft_threshold": {
+            "chosen": threshold,
+            "held_out_rounds": len(rounds),
+            "modeled_speed": round(modeled_speed(rounds, threshold), 4),
+            "modeled_speed_ungated": round(modeled_speed(rounds, 0.0), 4),
+        },
         "init": init if fit_error is None else {"from": init, "pre_projection_fit_error": round(fit_error, 4)},
     }
     save_drafter(drafter.to("cpu"), out, record, int8=a.int8)
