@@ -2,6 +2,7 @@
 checkpoints round-trip, a killed run resumes to the same weights, corrupt checkpoints are
 reported, and the saved drafter folder loads and stays lossless."""
 
+import json
 import random
 import shutil
 
@@ -156,6 +157,15 @@ def test_clustered_head_and_folder_roundtrip(setup, tmp_path):
         a = [t for st in plain.generate(p, max_tokens=20) for t in st.token_ids]
         b = [t for st in spec.generate(p, max_tokens=20) for t in st.token_ids]
         assert a == b
+    # the folder's draft threshold is the proposer's default; a bad one is refused clearly
+    cfg_path = tmp_path / "drafter" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps(cfg | {"draft_threshold": 0.4}))
+    assert MTPProposer(load_drafter(tmp_path / "drafter", target.config)).threshold == 0.4
+    for bad in (1.5, "high"):
+        cfg_path.write_text(json.dumps(cfg | {"draft_threshold": bad}))
+        with pytest.raises(WeightsError, match="draft_threshold"):
+            load_drafter(tmp_path / "drafter", target.config)
 
 
 def test_int8_drafter_folder(setup, tmp_path):

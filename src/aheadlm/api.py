@@ -205,8 +205,8 @@ def load(
     `adaptive` picks k per round for the best measured speed (None: on when the registered model's
     measured default uses it and no drafter is named); `threshold` makes a model drafter draft only
     while its confidence is at least this (None: an MTP drafter's own `draft_threshold`, chosen
-    when it was trained; 0 behind lookup and for draft models); `fallback_k` caps the drafts of X in "ngram+X" when
-    lookup finds nothing (None: k)."""
+    when it was trained; 0 behind lookup and for draft models); `fallback_k` caps the drafts of X
+    in "ngram+X" when lookup finds nothing (None: k)."""
     if not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 32:
         raise InvalidRequestError(f"draft_tokens must be in 1..32, got {draft_tokens!r}")
     if fallback_k is not None and (not isinstance(fallback_k, int) or not 1 <= fallback_k <= 32):

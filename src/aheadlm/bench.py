@@ -138,8 +138,8 @@ def parse_methods(
     methods: str, draft_tokens: str, adaptive: bool, thresholds: str | None = None
 ) -> list[tuple[str, str, int, bool, float | None]]:
     """-> [(label, drafter spec, k, adaptive, threshold)]; 'none' always runs first as the
-    baseline. Lists of k and thresholds are swept (threshold None: the shipped drafter's
-    default); lookup alone has no confidence, so it runs once."""
+    baseline. Lists of k and thresholds are swept (threshold None: each MTP drafter's own
+    `draft_threshold`); lookup alone has no confidence, so it runs once."""
     try:
         ks = [int(k) for k in str(draft_tokens).split(",") if k]
         ths = [None] if thresholds is None else [float(t) for t in str(thresholds).split(",") if t]

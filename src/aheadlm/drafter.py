@@ -82,7 +82,7 @@ class DrafterConfig:
         if self.query_scale == 0.0:
             object.__setattr__(self, "query_scale", self.head_dim**-0.5)
         if not isinstance(self.draft_threshold, int | float) or not 0.0 <= self.draft_threshold <= 1.0:
-            raise TypeError(f"draft_threshold must be a number in 0..1, got {self.draft_threshold!r}")
+            raise ValueError(f"draft_threshold must be a number in 0..1, got {self.draft_threshold!r}")
 
     @classmethod
     def for_target(cls, target: ModelConfig, **kw: Any) -> DrafterConfig:
@@ -312,7 +312,7 @@ def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu"
         raw = json.loads((d / "config.json").read_text())
         assistant = raw.get("model_type") == g4.MODEL_TYPE
         cfg = g4.assistant_config(raw, target_config) if assistant else DrafterConfig.from_dict(raw)
-    except (OSError, json.JSONDecodeError, TypeError, KeyError, AttributeError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError is a ValueError
         raise WeightsError(f"{d}: not a drafter folder ({e})") from None
     cfg.check_target(target_config)
     with torch.device("meta"):
