@@ -29,7 +29,7 @@ from torch import nn
 from .config import FULL, SLIDING, ModelConfig, per_type
 from .errors import DrafterMismatchError, WeightsError
 from .kv_cache import AttnView
-from .model import RMSNorm, attend, rope_tables, rotate_half
+from .model import RMSNorm, apply_rope, attend, rope_tables
 
 
 @dataclass(frozen=True)
@@ -185,7 +185,7 @@ class DraftLayer(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
         cos, sin = ctx.rope[self.layer_type]
-        q = q * cos + rotate_half(q) * sin
+        q = apply_rope(q, cos, sin)
         k, v, view = ctx.kv[self.layer_type]
         a = attend(q.to(k.dtype), k, v, view, self.scale).to(x.dtype)
         a = self.o(a.transpose(1, 2).reshape(B, T, -1))

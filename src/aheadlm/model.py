@@ -39,6 +39,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin for x `[B, H, T, D]`; one kernel call on CPU at inference
+    (bit-identical: the same products and sum, each rounded once)."""
+    if x.dtype == torch.float32 and cos.dtype == torch.float32 and x.device.type == "cpu":
+        kernels = cpu_kernels() if not torch.is_grad_enabled() else None
+        if kernels is not None and x.stride(-1) == 1 and cos.shape[0] == x.shape[0]:
+            return kernels.rope(x, cos, sin)
+    return x * cos + rotate_half(x) * sin
+
+
 def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
     """cos, sin `[B, 1, T, head_dim]` for integer positions `[B, T]`."""
     freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
@@ -126,7 +136,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
         cos, sin = rope
-        q = q * cos + rotate_half(q) * sin
+        q = apply_rope(q, cos, sin)
         if self.shared:
             k_all, v_all = cache.read(layer, view.end)
         else:
@@ -136,7 +146,7 @@ class Attention(nn.Module):
                 v = F.rms_norm(v.float(), (self.head_dim,), None, self.eps).to(v.dtype)
             if self.k_norm is not None:
                 k = self.k_norm(k)
-            k = k * cos + rotate_half(k) * sin
+            k = apply_rope(k, cos, sin)
             k_all, v_all = cache.write(layer, view, k, v)
         out = attend(q, k_all, v_all, view, self.scale)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))
