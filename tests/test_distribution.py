@@ -20,6 +20,7 @@ from aheadlm.kv_cache import KVCache
 from aheadlm.proposers import Draft, MTPProposer, Proposer
 from aheadlm.sampling import SamplingParams, processed_probs
 from aheadlm.speculative import SpecConfig
+from aheadlm.train.calibrate import record_rounds
 from aheadlm.verify import verify_sampled
 
 from helpers import ours_from_hf, tiny_hf
@@ -94,24 +95,15 @@ def drafters(target):
 def gated(target, params) -> MTPProposer:
     """The random drafter, drafting only at or above its median confidence under `params`, so
     about half its rounds verify no draft at all."""
-    import aheadlm.proposers as proposers
-
     proposer = drafters(target)["mtp"]
-    seen, choose = [], proposers.choose_draft
-
-    def recording(*a, **kw):
-        out = choose(*a, **kw)
-        seen.append(out[2])
-        return out
-
-    proposers.choose_draft = recording
-    try:
-        engine = Engine(target, proposer=proposer, spec=SpecConfig(num_draft=2))
-        for seed in range(50):
-            p = SamplingParams(params.temperature, params.top_k, params.top_p, seed=seed)
-            list(engine.generate(PROMPT, p, max_tokens=3))
-    finally:
-        proposers.choose_draft = choose
+    seen = []
+    for seed in range(50):
+        p = SamplingParams(params.temperature, params.top_k, params.top_p, seed=seed)
+        seen += [
+            c
+            for confs, _ in record_rounds(target, proposer.drafter, [PROMPT], k=2, max_tokens=3, params=p)
+            for c in confs
+        ]
     proposer.threshold = sorted(seen)[len(seen) // 2]
     return proposer
 

@@ -12,6 +12,7 @@ from aheadlm.engine import Engine, GenerationStats
 from aheadlm.proposers import Draft, DraftModelProposer, HybridProposer, MTPProposer, NgramProposer, Proposer
 from aheadlm.sampling import SamplingParams
 from aheadlm.speculative import AdaptiveK, SpecConfig
+from aheadlm.train.calibrate import record_rounds
 
 from helpers import ours_from_hf, tiny_hf
 
@@ -124,27 +125,10 @@ def test_adaptive_and_threshold_stay_lossless(target):
         assert got == ref
 
 
-def median_confidence(monkeypatch, engine, prompts, params=None) -> float:
-    """The median confidence of the drafts `engine`'s MTP proposer makes (recorded in passing)."""
-    import aheadlm.proposers as proposers
-
-    seen, choose = [], proposers.choose_draft
-
-    def recording(*a, **kw):
-        out = choose(*a, **kw)
-        seen.append(out[2])
-        return out
-
-    monkeypatch.setattr(proposers, "choose_draft", recording)
-    for prompt in prompts:
-        run(engine, prompt, params, max_tokens=30)
-    monkeypatch.undo()
-    return sorted(seen)[len(seen) // 2]
-
-
-def test_threshold_gates_whole_rounds_and_stays_lossless(target, monkeypatch):
+def test_threshold_gates_whole_rounds_and_stays_lossless(target):
     drafter = random_drafter(target, seed=3)
-    mid = median_confidence(monkeypatch, Engine(target, proposer=MTPProposer(drafter)), PROMPTS)
+    seen = sorted(c for confs, _ in record_rounds(target, drafter, PROMPTS, max_tokens=30) for c in confs)
+    mid = seen[len(seen) // 2]  # the median confidence of its drafts
     plain = Engine(target)
     gated = Engine(target, proposer=MTPProposer(drafter, threshold=mid), spec=SpecConfig(3))
     sources = {}

@@ -153,8 +153,9 @@ def parse_methods(
     for m in [m.strip() for m in methods.split(",") if m.strip()]:
         if m == "none":
             continue
-        for th in ths[:1] if m == "ngram" else ths:
-            tag = f"/t{th:g}" if len(ths) > 1 and m != "ngram" else ""
+        sweep = ths[:1] if m == "ngram" else ths
+        for th in sweep:
+            tag = f"/t{th:g}" if len(sweep) > 1 else ""
             for k in ks:
                 label = (m if len(ks) == 1 else f"{m}/k{k}") + tag
                 out.append((label, m, k, False, th))

@@ -42,10 +42,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin for x `[B, H, T, D]`; one kernel call on CPU at inference
     (bit-identical: the same products and sum, each rounded once)."""
-    if x.dtype == torch.float32 and cos.dtype == torch.float32 and x.device.type == "cpu":
-        kernels = cpu_kernels() if not torch.is_grad_enabled() else None
-        if kernels is not None and x.stride(-1) == 1 and cos.shape[0] == x.shape[0]:
-            return kernels.rope(x, cos, sin)
+    fast = x.dtype == cos.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
+    kernels = cpu_kernels() if fast and x.stride(-1) == 1 and cos.shape[0] == x.shape[0] else None
+    if kernels is not None:
+        return kernels.rope(x, cos, sin)
     return x * cos + rotate_half(x) * sin
 
 

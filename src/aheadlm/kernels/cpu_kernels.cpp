@@ -389,11 +389,9 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
         _mm256_storeu_ps(yr + half + d, _mm256_add_ps(_mm256_mul_ps(hi, _mm256_loadu_ps(c + half + d)),
                                                       _mm256_mul_ps(lo, _mm256_loadu_ps(s + half + d))));
       }
-      for (; d < half; ++d) {
-        const float lo = xr[d], hi = xr[half + d];
-        const float a = lo * c[d], bb = hi * s[d], e = hi * c[half + d], f = lo * s[half + d];
-        yr[d] = a - bb;
-        yr[half + d] = e + f;
+      for (; d < half; ++d) {  // built with -ffp-contract=off: each product is rounded, as above
+        yr[d] = xr[d] * c[d] - xr[half + d] * s[d];
+        yr[half + d] = xr[half + d] * c[half + d] + xr[d] * s[half + d];
       }
     }
   });

@@ -14,6 +14,7 @@ import torch
 
 from ..engine import Engine
 from ..proposers import MTPProposer, Proposer
+from ..sampling import SamplingParams
 from ..speculative import SpecConfig
 
 DRAFT_STEP_COST = 0.1
@@ -64,13 +65,16 @@ class _Recorder(Proposer):
 
 
 @torch.inference_mode()
-def record_rounds(target, drafter, prompts: list[list[int]], stop_ids, k: int = 4, max_tokens: int = 64) -> list[Round]:
-    """Greedy speculative decoding of `prompts` at fixed k with no threshold, one entry per round."""
+def record_rounds(
+    target, drafter, prompts: list[list[int]], stop_ids=(), k: int = 4, max_tokens: int = 64, params=None
+) -> list[Round]:
+    """Speculative decoding of `prompts` at fixed k with no threshold, one entry per round; greedy
+    unless `params` (SamplingParams) say otherwise (the threshold model above assumes greedy)."""
     recorder = _Recorder(MTPProposer(drafter, threshold=0.0))
     engine = Engine(target, proposer=recorder, spec=SpecConfig(k))
     rounds = []
     for p in prompts:
-        for step in engine.generate(p, max_tokens=max_tokens, stop_ids=stop_ids):
+        for step in engine.generate(p, params or SamplingParams(), max_tokens=max_tokens, stop_ids=stop_ids):
             if step.drafted:
                 rounds.append((recorder.latest[: step.drafted], step.accepted))
     return rounds

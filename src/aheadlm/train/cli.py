@@ -221,10 +221,10 @@ def run(a) -> int:
     # The confidence below which the drafter stops drafting by default, from held-out rounds.
     rounds = record_rounds(llm.engine.model, drafter, val, llm.tokenizer.stop_ids, max_tokens=a.eval_tokens)
     threshold = choose_threshold(rounds)
+    speed, ungated = modeled_speed(rounds, threshold), modeled_speed(rounds, 0.0)
     drafter.config = dataclasses.replace(drafter.config, draft_threshold=threshold)
     status(
-        f"draft threshold {threshold:g} (modeled speed {modeled_speed(rounds, threshold):.3f} against "
-        f"{modeled_speed(rounds, 0.0):.3f} ungated, {len(rounds)} held-out rounds)"
+        f"draft threshold {threshold:g} (modeled speed {speed:.3f} against {ungated:.3f} ungated, {len(rounds)} rounds)"
     )
     record = {
         "target": a.model,
@@ -243,8 +243,8 @@ def run(a) -> int:
         "draft_threshold": {
             "chosen": threshold,
             "held_out_rounds": len(rounds),
-            "modeled_speed": round(modeled_speed(rounds, threshold), 4),
-            "modeled_speed_ungated": round(modeled_speed(rounds, 0.0), 4),
+            "modeled_speed": round(speed, 4),
+            "modeled_speed_ungated": round(ungated, 4),
         },
         "init": init if fit_error is None else {"from": init, "pre_projection_fit_error": round(fit_error, 4)},
     }
