@@ -22,6 +22,8 @@ def test_read_prompts_keeps_categories_balanced_and_refuses_bad_lines(tmp_path):
     path = write_prompts(tmp_path / "p.jsonl", rows)
     assert [p.text for p in read_prompts(path, limit=1)] == ["q0", "q1"]
     assert [p.text for p in read_prompts(path, category="b")] == ["q1", "q3", "q5"]
+    assert [p.text for p in read_prompts(path, limit=1, skip=1)] == ["q2", "q3"]
+    assert [p.text for p in read_prompts(path, skip=2)] == ["q4", "q5"]
     (tmp_path / "bad.jsonl").write_text('{"turns": ["ok"]}\n{"turns": \n')
     with pytest.raises(InvalidRequestError, match=r"bad.jsonl:2: not a Spec-Bench record"):
         read_prompts(str(tmp_path / "bad.jsonl"))

@@ -34,7 +34,9 @@ class Prompt:
     text: str
 
 
-def read_prompts(path: str, category: str | None = None, limit: int | None = None) -> list[Prompt]:
+def read_prompts(path: str, category: str | None = None, limit: int | None = None, skip: int = 0) -> list[Prompt]:
+    """Prompts of a Spec-Bench jsonl or a text file (one per line); `skip` drops the first N of each
+    category and `limit` keeps the next N, so a later run can use prompts no earlier decision saw."""
     p = Path(path)
     if not p.exists():
         raise InvalidRequestError(f"prompt file {path} not found")
@@ -54,14 +56,14 @@ def read_prompts(path: str, category: str | None = None, limit: int | None = Non
             out.append(Prompt(str(i), "all", line))
     if category:
         out = [x for x in out if x.category == category]
-    if limit:
-        # Keep categories balanced: the first `limit` of each.
+    if limit or skip:
+        # Keep categories balanced: per category, prompts skip .. skip + limit - 1.
         seen: dict[str, int] = defaultdict(int)
         kept = []
         for x in out:
-            if seen[x.category] < limit:
+            if skip <= seen[x.category] and (not limit or seen[x.category] < skip + limit):
                 kept.append(x)
-                seen[x.category] += 1
+            seen[x.category] += 1
         out = kept
     if not out:
         raise InvalidRequestError(f"no prompts selected from {path}")
@@ -166,7 +168,7 @@ def parse_methods(
 
 def run_bench(args) -> dict:
     llm = load(args.model, drafter="none", dtype=args.dtype, device=args.device)
-    prompts = read_prompts(args.prompts, args.category, args.limit)
+    prompts = read_prompts(args.prompts, args.category, args.limit, args.skip)
     target = llm.engine.model
     runners: dict[str, LLM] = {}
     for label, spec, k, adaptive, th in parse_methods(args.methods, args.draft_tokens, args.adaptive, args.threshold):

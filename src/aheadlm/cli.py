@@ -250,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", required=True, help="Spec-Bench jsonl or a text file with one prompt per line")
     b.add_argument("--category", default=None)
     b.add_argument("--limit", type=int, default=None, help="at most N prompts per category")
+    b.add_argument("--skip", type=int, default=0, help="skip the first N prompts of each category")
     b.add_argument("--methods", default="none,mtp,ngram", help="comma list: none, mtp, ngram, draft:MODEL, folder")
     b.add_argument("--max-tokens", type=int, default=256)
     b.add_argument("--temperature", type=float, default=0.0)
