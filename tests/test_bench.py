@@ -24,6 +24,8 @@ def test_read_prompts_keeps_categories_balanced_and_refuses_bad_lines(tmp_path):
     assert [p.text for p in read_prompts(path, category="b")] == ["q1", "q3", "q5"]
     assert [p.text for p in read_prompts(path, limit=1, skip=1)] == ["q2", "q3"]
     assert [p.text for p in read_prompts(path, skip=2)] == ["q4", "q5"]
+    with pytest.raises(InvalidRequestError, match="negative"):
+        read_prompts(path, skip=-1)
     (tmp_path / "bad.jsonl").write_text('{"turns": ["ok"]}\n{"turns": \n')
     with pytest.raises(InvalidRequestError, match=r"bad.jsonl:2: not a Spec-Bench record"):
         read_prompts(str(tmp_path / "bad.jsonl"))

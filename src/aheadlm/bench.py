@@ -37,6 +37,8 @@ class Prompt:
 def read_prompts(path: str, category: str | None = None, limit: int | None = None, skip: int = 0) -> list[Prompt]:
     """Prompts of a Spec-Bench jsonl or a text file (one per line); `skip` drops the first N of each
     category and `limit` keeps the next N, so a later run can use prompts no earlier decision saw."""
+    if skip < 0 or (limit is not None and limit < 0):
+        raise InvalidRequestError(f"--skip and --limit must not be negative, got {skip} and {limit}")
     p = Path(path)
     if not p.exists():
         raise InvalidRequestError(f"prompt file {path} not found")
