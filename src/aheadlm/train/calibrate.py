@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..engine import Engine
+from ..engine import Engine, GenerationStats
 from ..proposers import MTPProposer, Proposer
 from ..sampling import SamplingParams
 from ..speculative import SpecConfig
@@ -66,15 +66,26 @@ class _Recorder(Proposer):
 
 @torch.inference_mode()
 def record_rounds(
-    target, drafter, prompts: list[list[int]], stop_ids=(), k: int = 4, max_tokens: int = 64, params=None
+    target,
+    drafter,
+    prompts: list[list[int]],
+    stop_ids=(),
+    k: int = 4,
+    max_tokens: int = 64,
+    params=None,
+    stats: list[GenerationStats] | None = None,
 ) -> list[Round]:
     """Speculative decoding of `prompts` at fixed k with no threshold, one entry per round; greedy
-    unless `params` (SamplingParams) say otherwise (the threshold model above assumes greedy)."""
+    unless `params` (SamplingParams) say otherwise (the threshold model above assumes greedy).
+    `stats`, when given, receives each prompt's GenerationStats."""
     recorder = _Recorder(MTPProposer(drafter, threshold=0.0))
     engine = Engine(target, proposer=recorder, spec=SpecConfig(k))
     rounds = []
     for p in prompts:
-        for step in engine.generate(p, params or SamplingParams(), max_tokens=max_tokens, stop_ids=stop_ids):
+        st = GenerationStats()
+        if stats is not None:
+            stats.append(st)
+        for step in engine.generate(p, params or SamplingParams(), max_tokens=max_tokens, stop_ids=stop_ids, stats=st):
             if step.drafted:
                 rounds.append((recorder.latest[: step.drafted], step.accepted))
     return rounds

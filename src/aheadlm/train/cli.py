@@ -16,11 +16,9 @@ import torch
 
 from ..api import load
 from ..drafter import DrafterConfig, MTPDrafter, save_drafter
-from ..engine import Engine, GenerationStats
+from ..engine import GenerationStats
 from ..errors import InvalidRequestError
 from ..progress import status
-from ..proposers import MTPProposer
-from ..speculative import SpecConfig
 from .calibrate import choose_threshold, modeled_speed, record_rounds
 from .clusters import balanced_clusters, use_clusters
 from .data import build_prompts, corpus_sequences, load_conversations
@@ -109,20 +107,19 @@ def _initialise(drafter, target, sequences, choice: str, skip: bool) -> tuple[st
     return "target", err
 
 
+def held_out_tau(stats: list[GenerationStats]) -> float:
+    """tau over several prompts: their decode-phase tokens over their target forwards."""
+    return sum(st.completion_tokens - 1 for st in stats) / max(sum(st.target_forwards for st in stats), 1)
+
+
 def make_evaluator(llm, prompts: list[list[int]], k: int = 4, max_tokens: int = 64):
-    """tau (tokens per target forward) of greedy speculative decoding on held-out prompts."""
+    """tau (tokens per target forward) of greedy speculative decoding on held-out prompts, drafting
+    without a threshold (a drafter in training has none yet)."""
 
     def evaluate(drafter: MTPDrafter) -> float:
-        engine = Engine(llm.engine.model, proposer=MTPProposer(drafter), spec=SpecConfig(k))
-        toks = fwd = 0
-        with torch.inference_mode():
-            for p in prompts:
-                st = GenerationStats()
-                for _ in engine.generate(p, max_tokens=max_tokens, stats=st, stop_ids=llm.tokenizer.stop_ids):
-                    pass
-                toks += st.completion_tokens - 1
-                fwd += st.target_forwards
-        return toks / max(fwd, 1)
+        stats: list[GenerationStats] = []
+        record_rounds(llm.engine.model, drafter, prompts, llm.tokenizer.stop_ids, k, max_tokens, stats=stats)
+        return held_out_tau(stats)
 
     return evaluate
 
@@ -217,9 +214,13 @@ def run(a) -> int:
     if world_and_rank()[1] != 0:
         return 0  # the first process evaluates and writes the drafter folder
     drafter.eval()
-    tau = evaluate(drafter)
-    # The confidence below which the drafter stops drafting by default, from held-out rounds.
-    rounds = record_rounds(llm.engine.model, drafter, val, llm.tokenizer.stop_ids, max_tokens=a.eval_tokens)
+    # One held-out pass (k = 4, ungated, as `evaluate` runs it) gives the final tau and the rounds
+    # the default confidence threshold is chosen from.
+    val_stats: list[GenerationStats] = []
+    rounds = record_rounds(
+        llm.engine.model, drafter, val, llm.tokenizer.stop_ids, max_tokens=a.eval_tokens, stats=val_stats
+    )
+    tau = held_out_tau(val_stats)
     threshold = choose_threshold(rounds)
     speed, ungated = modeled_speed(rounds, threshold), modeled_speed(rounds, 0.0)
     drafter.config = dataclasses.replace(drafter.config, draft_threshold=threshold)
