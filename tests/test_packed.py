@@ -111,3 +111,94 @@ def test_rope_kernel_is_bit_identical_to_the_tensor_ops(d):
     assert torch.equal(cpu_kernels().rope(x, cos, sin), want)
     with torch.inference_mode():  # the model's entry point takes the kernel at inference
         assert torch.equal(apply_rope(x, cos, sin), want)
+
+
+def _packed_tiny(arch: str, fmt: str):
+    """A tiny model with every matrix packed (bf16, or int8 blocks of 32 as from a GGUF)."""
+    from aheadlm.packed import quantize_q8
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    hf = tiny_hf(arch, **shape)
+    config = from_hf_config(hf.config.to_dict())
+    tensors = []
+    for name, t in hf_state_dict(hf.state_dict().items(), config):
+        if t.dim() == 2 and name.endswith(".weight"):
+            t = t.bfloat16() if fmt == "bf16" else quantize_q8(t)
+        tensors.append((name, t))
+    return config, build_model(config, tensors, packed=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("fmt", ["bf16", "q8"])
+def test_compiled_layers_are_bit_identical_to_the_per_op_path(arch, fmt):
+    """A decoder layer in one compiled call (`fused.py`) gives the same logits, hidden states and
+    cache contents, bit for bit, as the per-op path: padded batch rows, decode steps, verification
+    chunks, and (Gemma 3) sliding-window rings that wrap around."""
+    config, model = _packed_tiny(arch, fmt)
+    compiled = [b.compiled for b in model.layers]
+    assert all(c is not None for c in compiled)
+    g = torch.Generator().manual_seed(1)
+
+    def run(use_compiled: bool):
+        for block, c in zip(model.layers, compiled, strict=True):
+            block.compiled = c if use_compiled else None
+        cache = KVCache(config, 64, batch_size=2, max_step=8)
+        g.manual_seed(1)
+        outs, lengths = [], [8, 5]
+        ids = torch.randint(0, 160, (2, 8), generator=g)
+        pos = torch.tensor([list(range(8)), list(range(5)) + [-1] * 3])
+        with torch.inference_mode():
+            outs += model(ids, pos, cache)
+            for step in range(12):
+                t = 1 if step % 3 else 5  # decode steps and verification chunks
+                ids = torch.randint(0, 160, (2, t), generator=g)
+                pos = torch.stack([torch.arange(n, n + t) for n in lengths])
+                if step == 4:
+                    pos[1] = -1  # a row that sits out a step
+                outs += model(ids, pos, cache)
+                lengths = [n + t for n in lengths] if step != 4 else [lengths[0] + t, lengths[1]]
+        return outs, cache
+
+    (want, ref), (got, cache) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(ref.k + ref.v, cache.k + cache.v, strict=True))
+    assert ref.groups.keys() == cache.groups.keys()
+    if arch == "gemma3":
+        assert any(grp.ring for grp in cache.groups.values())  # the ring wrapped (lengths above 16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_compiled_draft_layers_are_bit_identical_to_the_per_op_path(arch, tmp_path):
+    """The MTP drafter's query-only layers, compiled when an int8 drafter folder is loaded, draft
+    bit-identically to their per-op path over the target's sliding and full K/V."""
+    from aheadlm.drafter import DrafterConfig, MTPDrafter, load_drafter, save_drafter
+
+    config, target = _packed_tiny(arch, "q8")
+    cfg = DrafterConfig.for_target(config, num_layers=2)
+    drafter = MTPDrafter(cfg).init_weights(generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            if "norm" in name or "layer_scalar" in name:
+                p.uniform_(0.5, 1.5)  # not all ones, so a skipped multiplier shows
+    save_drafter(drafter, tmp_path, int8=True)
+    drafter = load_drafter(tmp_path, config)
+    compiled = [layer.compiled for layer in drafter.layers]
+    assert all(c is not None for c in compiled)
+    cache = KVCache(config, 64)
+    ids = torch.randint(0, 160, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        _, hidden = target(ids, torch.arange(20)[None], cache)
+
+    def draft(use_compiled: bool):
+        for layer, c in zip(drafter.layers, compiled, strict=True):
+            layer.compiled = c if use_compiled else None
+        with torch.inference_mode():
+            ctx = drafter.round_context(target, cache, torch.tensor([19]))
+            tokens, h, outs = ids[:, -1], hidden[:, -1], []
+            for _ in range(3):
+                head_in, h = drafter.step(target, tokens, h, ctx)
+                tokens = drafter.logits(target, head_in).argmax(-1)
+                outs += [head_in, h, tokens]
+        return outs
+
+    assert all(torch.equal(a, b) for a, b in zip(draft(False), draft(True), strict=True))

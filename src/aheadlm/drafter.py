@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .config import FULL, SLIDING, ModelConfig, per_type
 from .errors import DrafterMismatchError, WeightsError
 from .kv_cache import AttnView
@@ -178,6 +179,8 @@ class DraftLayer(nn.Module):
         self.post_mlp_norm = RMSNorm(h, eps) if cfg.sandwich_norm else None
         self.gelu = cfg.activation == "gelu_tanh"
         self.layer_scalar = nn.Parameter(torch.ones(1))
+        self.compiled = None
+        """This layer as one compiled call (`fused.compile_draft_layer`), set by `load_drafter`."""
 
     def forward(self, x, ctx: RoundContext) -> torch.Tensor:
         B, T, _ = x.shape
@@ -258,8 +261,13 @@ class MTPDrafter(nn.Module):
         """One draft step for every query row: emb, hidden [B, T, H_target] (scaled target
         embeddings of the input tokens, incoming hidden states) -> (head input, next hidden)."""
         x = self.pre_projection(torch.cat([emb, hidden], dim=-1))
+        compiled = fused.takes(x)
         for layer in self.layers:
-            x = layer(x, ctx)
+            k, v, view = ctx.kv[layer.layer_type]
+            if compiled and layer.compiled is not None and k.dtype == torch.float32:
+                x = fused.run(layer.compiled, x, ctx.rope[layer.layer_type], k, v, view)
+            else:
+                x = layer(x, ctx)
         hd = self.norm(x)
         h_next = self.post_projection(hd)
         return (hd if self.config.head == "own" else h_next), h_next
@@ -348,6 +356,8 @@ def load_drafter(directory: str | Path, target_config: ModelConfig, device="cpu"
     drafter.load_state_dict(state, assign=True, strict=True)
     if str(device) == "cpu" and bf16:
         pack_linears(drafter, int8)
+        for layer in drafter.layers:
+            layer.compiled = fused.compile_draft_layer(layer)
     return drafter.eval()
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fused
 from .config import FULL, SLIDING, ModelConfig
 from .kernels import cpu_kernels
 from .kv_cache import AttnView, KVCache
@@ -201,6 +202,8 @@ class Block(nn.Module):
             self.ple_proj = nn.Linear(cfg.per_layer_dim, h, bias=False)
             self.ple_norm = RMSNorm(h, eps)
         self.layer_scalar = nn.Parameter(torch.ones(1)) if cfg.layer_scalar else None
+        self.compiled = None
+        """This layer as one compiled call (`fused.compile_block`), set by `Transformer.fuse`."""
 
     def forward(self, x, rope, cache, layer, view, per_layer_input=None):
         a = self.attn(self.attn_norm(x), rope, cache, layer, view)
@@ -247,6 +250,7 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attn.fuse(fuse_fn)
             block.mlp.fuse(fuse_fn)
+            block.compiled = fused.compile_block(block)
 
     def set_rope_divisors(self, divisors: torch.Tensor) -> None:
         """GGUF `rope_freqs`: per-frequency divisors (how llama.cpp stores Llama 3.1 RoPE scaling)."""
@@ -308,9 +312,15 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         per_layer = self.per_layer_inputs(tokens, x) if self.config.per_layer_dim else None
         ropes = {t: rope_tables(getattr(self, f"inv_freq_{t}"), positions, x.dtype) for t in views}
+        compiled = fused.takes(x)
         for i, block in enumerate(self.layers):
             t = self.config.layer_types[i]
-            x = block(x, ropes[t], cache, i, views[t], None if per_layer is None else per_layer[:, :, i])
+            view = views[t]
+            hooked = block._forward_pre_hooks or block._forward_hooks  # hooks need the module call
+            if compiled and block.compiled is not None and not hooked and cache.k[i].dtype == torch.float32:
+                x = fused.run(block.compiled, x, ropes[t], cache.k[i], cache.v[i], view)
+            else:
+                x = block(x, ropes[t], cache, i, view, None if per_layer is None else per_layer[:, :, i])
         hidden = self.norm(x)
         if num_logits == 0:
             return None, hidden

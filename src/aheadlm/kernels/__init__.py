@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_HEADERS = ("gemm.h", "rows.h", "block.h")
 
 
 @functools.cache
@@ -50,7 +51,7 @@ def cpu_kernels():
     from ..progress import status
     from ..registry import cache_dir
 
-    src = _SOURCE.read_bytes()
+    src = b"".join(_SOURCE.with_name(n).read_bytes() for n in (_SOURCE.name, *_HEADERS))
     flags = list(_build_flags())
     tag = hashlib.sha256(src + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
     build = cache_dir() / "kernels" / tag
@@ -61,6 +62,7 @@ def cpu_kernels():
         return cpp_extension.load(
             name=f"aheadlm_cpu_kernels_{tag}",
             sources=[str(_SOURCE)],
+            extra_include_paths=[str(_SOURCE.parent)],
             build_directory=str(build),
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],

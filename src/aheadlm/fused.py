@@ -1,0 +1,124 @@
+"""Decoder layers as one compiled call each (`kernels/block.h`), for few-row float32 CPU inference:
+the target's layers and the MTP drafter's query-only ones.
+
+A compiled layer runs the same kernels in the same order as the module's per-op path, so the two
+give bit-identical outputs and caches (checked in `tests/test_packed.py`). What it removes is the
+Python and PyTorch dispatch between the kernels, about a quarter of a SmolLM2 decode step. Layers
+that use a feature the kernel lacks (Gemma 4's extras, biases, unpacked weights) keep the per-op
+path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .kernels import cpu_kernels
+from .packed import PackedLinear, fuse
+
+MAX_ROWS = 64
+"""Most tokens per sequence a compiled layer takes (the attention kernel's limit; prefill chunks
+beyond it use the per-op path with SDPA)."""
+
+
+def takes(x: torch.Tensor) -> bool:
+    """Whether compiled layers can run on activations x [B, T, H] (float32 CPU inference)."""
+    few_cpu_rows = x.device.type == "cpu" and x.shape[1] <= MAX_ROWS
+    return few_cpu_rows and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+def run(layer, x: torch.Tensor, rope, k: torch.Tensor, v: torch.Tensor, view) -> torch.Tensor:
+    """One compiled layer on x with RoPE tables `rope` over cached k, v as `view` (an `AttnView`)
+    shows them; its new keys and values go to `view.slots` unless the layer is query-only."""
+    cos, sin = rope
+    return layer.forward(x, cos, sin, k, v, view.slots, view.kpos, view.qpos, view.window or 0, view.end, view.strict)
+
+
+def _linear(kernels, m: nn.Module | None):
+    if not isinstance(m, PackedLinear) or m.bias is not None:
+        return None
+    if m.block:
+        return kernels.Linear(m.q, m.scale, m.offset, m.block)
+    empty = torch.empty(0)
+    return kernels.Linear(m.w16, empty, empty, 0)
+
+
+def _weight(norm: nn.Module | None):
+    return None if norm is None else norm.weight.detach()
+
+
+def compile_block(block: nn.Module):
+    """`block` (a `model.Block`) as a compiled layer, or None when it cannot be one."""
+    kernels = cpu_kernels()
+    attn, mlp = block.attn, block.mlp
+    if kernels is None or block.moe or block.per_layer or block.layer_scalar is not None:
+        return None
+    if attn.shared or attn.k_eq_v or attn.value_norm or attn.qkv is None or mlp.gate_up is None:
+        return None
+    post = (block.post_attn_norm, block.post_mlp_norm) if block.sandwich else (None, None)
+    norms = [n for n in (block.attn_norm, block.mlp_norm, attn.q_norm, attn.k_norm, *post) if n is not None]
+    if len({n.eps for n in norms}) != 1 or any(n.weight.dtype != torch.float32 for n in norms):
+        return None
+    linears = [_linear(kernels, m) for m in (attn.qkv, attn.o, mlp.gate_up, mlp.down)]
+    if any(lin is None for lin in linears):
+        return None
+    qkv, o, gate_up, down = linears
+
+    return kernels.Block(
+        attn_norm=_weight(block.attn_norm),
+        qkv=qkv,
+        heads=attn.n_heads,
+        kv_heads=attn.n_kv,
+        head_dim=attn.head_dim,
+        query_only=False,
+        q_norm=_weight(attn.q_norm),
+        k_norm=_weight(attn.k_norm),
+        query_scale=attn.scale,
+        o=o,
+        post_attn_norm=_weight(post[0]),
+        mlp_norm=_weight(block.mlp_norm),
+        gate_up=gate_up,
+        gelu=mlp.gelu,
+        down=down,
+        post_mlp_norm=_weight(post[1]),
+        layer_scalar=None,
+        eps=norms[0].eps,
+    )
+
+
+def compile_draft_layer(layer: nn.Module):
+    """`layer` (a `drafter.DraftLayer`, queries only) as a compiled layer, or None. Its gate and up
+    projections are combined into one product for the compiled layer only."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        return None
+    norms = (layer.attn_norm, layer.mlp_norm, layer.q_norm, layer.post_attn_norm, layer.post_mlp_norm)
+    norms = [n for n in norms if n is not None]
+    if len({n.eps for n in norms}) != 1 or any(n.weight.dtype != torch.float32 for n in norms):
+        return None
+    gate_up = fuse([layer.gate, layer.up]) if isinstance(layer.gate, PackedLinear) else None
+    linears = [_linear(kernels, m) for m in (layer.q, layer.o, gate_up, layer.down)]
+    if any(lin is None for lin in linears):
+        return None
+    q, o, gate_up, down = linears
+
+    return kernels.Block(
+        attn_norm=_weight(layer.attn_norm),
+        qkv=q,
+        heads=layer.n_heads,
+        kv_heads=0,
+        head_dim=layer.head_dim,
+        query_only=True,
+        q_norm=_weight(layer.q_norm),
+        k_norm=None,
+        query_scale=layer.scale,
+        o=o,
+        post_attn_norm=_weight(layer.post_attn_norm),
+        mlp_norm=_weight(layer.mlp_norm),
+        gate_up=gate_up,
+        gelu=layer.gelu,
+        down=down,
+        post_mlp_norm=_weight(layer.post_mlp_norm),
+        layer_scalar=layer.layer_scalar.detach().float(),
+        eps=norms[0].eps,
+    )

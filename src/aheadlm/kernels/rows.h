@@ -1,0 +1,94 @@
+// Per-row primitives shared by the tensor ops and the fused decoder layer. Each reads and writes
+// one row, so a row's result never depends on how many rows are computed with it.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace aheadlm {
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float dot(const float* a, const float* b, int64_t D) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
+  }
+  float r = hsum8(_mm256_add_ps(s0, s1));
+  for (; d < D; ++d) r += a[d] * b[d];
+  return r;
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w over one row of H (y may be x).
+inline void rms_row(const float* xr, const float* wp, float* yr, int64_t H, float eps) {
+  const float inv = 1.f / std::sqrt(dot(xr, xr, H) / static_cast<float>(H) + eps);
+  const __m256 iv = _mm256_set1_ps(inv);
+  int64_t d = 0;
+  for (; d + 8 <= H; d += 8)
+    _mm256_storeu_ps(yr + d, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + d), iv), _mm256_loadu_ps(wp + d)));
+  for (; d < H; ++d) yr[d] = xr[d] * inv * wp[d];
+}
+
+// Rotary embedding of one row, rotate-half form: y = x * cos + rotate_half(x) * sin. Both products
+// and the sum are rounded separately, as the tensor ops `x * cos + rotate_half(x) * sin` round them
+// (the build uses -ffp-contract=off), so the result is bit-identical to them.
+inline void rope_row(const float* xr, const float* c, const float* s, float* yr, int64_t D) {
+  const int64_t half = D / 2;
+  int64_t d = 0;
+  for (; d + 8 <= half; d += 8) {
+    const __m256 lo = _mm256_loadu_ps(xr + d), hi = _mm256_loadu_ps(xr + half + d);
+    _mm256_storeu_ps(yr + d,
+                     _mm256_sub_ps(_mm256_mul_ps(lo, _mm256_loadu_ps(c + d)), _mm256_mul_ps(hi, _mm256_loadu_ps(s + d))));
+    _mm256_storeu_ps(yr + half + d, _mm256_add_ps(_mm256_mul_ps(hi, _mm256_loadu_ps(c + half + d)),
+                                                  _mm256_mul_ps(lo, _mm256_loadu_ps(s + half + d))));
+  }
+  for (; d < half; ++d) {
+    yr[d] = xr[d] * c[d] - xr[half + d] * s[d];
+    yr[half + d] = xr[half + d] * c[half + d] + xr[d] * s[half + d];
+  }
+}
+
+// One query row qr (D floats) over slots [0, S) of one KV head (keys kb, values vb, row strides ks,
+// vs; kpos the position held by each slot, -1 empty). A key is visible when 0 <= kpos <= pos
+// (kpos < pos if `strict`) and, with a window, pos - kpos < window. Keys are visited in slot order.
+// o gets the softmax-weighted values, or zeros when no key is visible. score and seen hold S entries.
+inline void attend_row(const float* qr, const float* kb, int64_t ks, const float* vb, int64_t vs, const int64_t* kpos,
+                       int64_t S, int64_t D, int64_t pos, int64_t window, bool strict, float sc, float* score,
+                       char* seen, float* o) {
+  std::fill(o, o + D, 0.f);
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t p = kpos[s];
+    seen[s] = p >= 0 && (strict ? p < pos : p <= pos) && (window <= 0 || pos - p < window);
+    if (!seen[s]) continue;
+    score[s] = dot(qr, kb + s * ks, D) * sc;
+    mx = std::max(mx, score[s]);
+  }
+  if (mx == -INFINITY) return;
+  float total = 0.f;
+  for (int64_t s = 0; s < S; ++s) {
+    if (!seen[s]) continue;
+    const float e = std::exp(score[s] - mx);
+    total += e;
+    const float* vr = vb + s * vs;
+    const __m256 ev = _mm256_set1_ps(e);
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+      _mm256_storeu_ps(o + d, _mm256_fmadd_ps(ev, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(o + d)));
+    for (; d < D; ++d) o[d] += e * vr[d];
+  }
+  const float inv = 1.f / total;
+  for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+}
+
+}  // namespace aheadlm
