@@ -174,7 +174,7 @@ def test_compiled_draft_layers_are_bit_identical_to_the_per_op_path(arch, tmp_pa
     from aheadlm.drafter import DrafterConfig, MTPDrafter, load_drafter, save_drafter
 
     config, target = _packed_tiny(arch, "q8")
-    cfg = DrafterConfig.for_target(config, num_layers=2)
+    cfg = DrafterConfig.for_target(config, num_layers=2, num_centroids=8, centroid_top_k=3)
     drafter = MTPDrafter(cfg).init_weights(generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for name, p in drafter.named_parameters():
@@ -202,3 +202,20 @@ def test_compiled_draft_layers_are_bit_identical_to_the_per_op_path(arch, tmp_pa
         return outs
 
     assert all(torch.equal(a, b) for a, b in zip(draft(False), draft(True), strict=True))
+
+    # The whole step in one call (`fused.compile_drafter`): the same next hidden states, candidate
+    # ids and scores as `MTPDrafter.step` then `MTPDrafter.scores`.
+    from aheadlm import fused
+
+    step = fused.compile_drafter(drafter, target)
+    assert step is not None
+    with torch.inference_mode():
+        ctx = drafter.round_context(target, cache, torch.tensor([19]))
+        layers = fused.draft_round(drafter, ctx)
+        tok, h, h_c = int(ids[0, -1]), hidden[:, -1], hidden[0, -1]
+        for _ in range(3):
+            head_in, h = drafter.step(target, torch.tensor([tok]), h, ctx)
+            want_ids, want = drafter.scores(target, head_in[0])
+            h_c, got_ids, got = step.step(tok, h_c, layers)
+            assert torch.equal(h[0], h_c) and torch.equal(want_ids, got_ids) and torch.equal(want, got)
+            tok = int(want_ids[want.argmax()])

@@ -122,3 +122,48 @@ def compile_draft_layer(layer: nn.Module):
         layer_scalar=layer.layer_scalar.detach().float(),
         eps=norms[0].eps,
     )
+
+
+def compile_drafter(drafter: nn.Module, target: nn.Module):
+    """A whole draft step of `drafter` (an `MTPDrafter`) reading `target`, as one compiled call:
+    `step(token, hidden, round)` -> (next hidden, candidate ids, their scores), as
+    `MTPDrafter.step` then `MTPDrafter.scores` compute them. None unless the drafter's layers are
+    compiled and it scores the clustered candidates with the target's packed head."""
+    from .packed import PackedEmbedding
+
+    kernels = cpu_kernels()
+    cfg = drafter.config
+    if kernels is None or cfg.head != "target" or drafter.centroids is None:
+        return None
+    if any(layer.compiled is None for layer in drafter.layers) or not isinstance(target.embed, PackedEmbedding):
+        return None
+    head = target.embed.table if target.lm_head is None else target.lm_head
+    parts = [_linear(kernels, m) for m in (target.embed.table, drafter.pre_projection, drafter.post_projection)]
+    parts += [_linear(kernels, m) for m in (drafter.centroids, head)]
+    if any(p is None for p in parts):
+        return None
+    embed, pre, post, centroids, head = parts
+    return kernels.Drafter(
+        embed=embed,
+        embed_scale=target.config.embed_scale,
+        pre=pre,
+        layers=[layer.compiled for layer in drafter.layers],
+        norm=drafter.norm.weight.detach(),
+        eps=drafter.norm.eps,
+        post=post,
+        centroids=centroids,
+        ordering=drafter.token_ordering,
+        top_k=cfg.centroid_top_k,
+        head=head,
+        softcap=target.config.final_logit_softcap or 0.0,
+    )
+
+
+def draft_round(drafter: nn.Module, ctx) -> list:
+    """The per-layer inputs of a compiled draft step for one round (`drafter.RoundContext`)."""
+    kernels = cpu_kernels()
+    out = []
+    for layer in drafter.layers:
+        (cos, sin), (k, v, view) = ctx.rope[layer.layer_type], ctx.kv[layer.layer_type]
+        out.append(kernels.LayerRound(cos, sin, k, v, view.kpos, view.qpos, view.window or 0, view.end, view.strict))
+    return out

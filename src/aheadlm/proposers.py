@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import fused
 from .drafter import MTPDrafter
 from .kv_cache import KVCache
 from .model import Transformer
@@ -69,6 +70,11 @@ def choose_draft(drafter: MTPDrafter, target: Transformer, head_in: torch.Tensor
     work on the candidate scores; a sampled draft's q (needed by rejection sampling) is that
     distribution placed over the whole vocabulary, zero elsewhere."""
     ids, scores = drafter.scores(target, head_in)
+    return choose_candidate(ids, scores, drafter.config.vocab_size, params, generator)
+
+
+def choose_candidate(ids: torch.Tensor | None, scores: torch.Tensor, vocab_size: int, params, generator):
+    """`choose_draft` from scores of token ids `ids` (None: of the whole vocabulary)."""
     if ids is None:
         return _choose(scores, params, generator)
     if params.greedy:
@@ -77,7 +83,7 @@ def choose_draft(drafter: MTPDrafter, target: Transformer, head_in: torch.Tensor
         return int(ids[best]), None, float(probs[best])
     p = processed_probs(scores[None], params)[0]
     j = int(torch.multinomial(p, 1, generator=generator))
-    q = torch.zeros(drafter.config.vocab_size, dtype=p.dtype, device=p.device).index_copy_(0, ids, p)
+    q = torch.zeros(vocab_size, dtype=p.dtype, device=p.device).index_copy_(0, ids, p)
     return int(ids[j]), q, float(p.max())
 
 
@@ -94,6 +100,14 @@ class MTPProposer(Proposer):
         draft below it, and a round whose first draft is below it drafts nothing (a plain decode
         step, which costs less than verifying a draft that is likely rejected). None: the value
         measured for the drafter (its config's `draft_threshold`)."""
+        self._compiled: tuple[Transformer, object] | None = None
+        """(target, the drafter's compiled step for it), built on first use."""
+
+    def compiled_step(self, target: Transformer):
+        """The drafter's whole step as one compiled call for `target` (`fused.compile_drafter`), or None."""
+        if self._compiled is None or self._compiled[0] is not target:
+            self._compiled = (target, fused.compile_drafter(self.drafter, target))
+        return self._compiled[1]
 
     @torch.inference_mode()
     def propose(self, state, k, params, generator):
@@ -102,18 +116,28 @@ class MTPProposer(Proposer):
         target, d = state.target, self.drafter
         pos = torch.tensor([len(state.tokens) - 1])
         ctx = d.round_context(target, state.cache, pos)
-        tok = torch.tensor([state.tokens[-1]])
+        tok = state.tokens[-1]
         h = state.hidden[None].to(d.dtype)
+        compiled = self.compiled_step(target) if h.dtype == torch.float32 and h.device.type == "cpu" else None
+        if compiled is not None and all(kv[0].dtype == torch.float32 for kv in ctx.kv.values()):
+            layers = fused.draft_round(d, ctx)
+        else:
+            compiled = None
         tokens, qs, confs = [], [], []
         for _ in range(k):
-            head_in, h = d.step(target, tok, h, ctx)
-            choice, q, conf = choose_draft(d, target, head_in[0], params, generator)
+            if compiled is not None:  # the same numbers as the step and scores below, in one call
+                h_next, ids, scores = compiled.step(tok, h[0], layers)
+                h = h_next[None]
+                choice, q, conf = choose_candidate(ids, scores, d.config.vocab_size, params, generator)
+            else:
+                head_in, h = d.step(target, torch.tensor([tok]), h, ctx)
+                choice, q, conf = choose_draft(d, target, head_in[0], params, generator)
             if conf < self.threshold:
                 break
             tokens.append(choice)
             qs.append(q)
             confs.append(conf)
-            tok = torch.tensor([choice])
+            tok = choice
         return Draft(tokens, None if params.greedy or not qs else torch.stack(qs), self.name, confs)
 
 

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_HEADERS = ("gemm.h", "rows.h", "block.h")
+_HEADERS = ("gemm.h", "rows.h", "block.h", "draft.h")
 
 
 @functools.cache

@@ -37,20 +37,46 @@ struct Linear {
 
   // y[M, N] = x[M, K] @ W^T.
   void run(const float* x, int64_t M, float* y) const {
+    with_format([&](const auto& f) { gemm(f, x, M, K, N, y); });
+  }
+
+  // y[n] = x[K] @ W[ids]^T for n row ids, read in place.
+  void run_rows(const float* x, const int64_t* ids, int64_t n, float* y) const {
+    TORCH_CHECK(std::all_of(ids, ids + n, [this](int64_t i) { return i >= 0 && i < N; }), "Linear: row id out of range");
+    with_format([&](const auto& f) { gemm(Indexed<std::decay_t<decltype(f)>>{f, ids}, x, 1, K, n, y); });
+  }
+
+  // Row n as float32 (K values), rounded as the dequantizer rounds it: q * scale (+ offset).
+  void row(int64_t n, float* out) const {
     if (!block) {
-      gemm(BF16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), K}, x, M, K, N, y);
+      const auto* p = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()) + n * K;
+      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(c10::BFloat16(p[k], c10::BFloat16::from_bits()));
       return;
     }
+    const int8_t* q = w.data_ptr<int8_t>() + n * K;
+    const float* s = scale.data_ptr<float>() + n * (K / block);
+    const float* o = offset.numel() ? offset.data_ptr<float>() + n * (K / block) : nullptr;
+    for (int64_t k = 0; k < K; ++k) {
+      out[k] = static_cast<float>(q[k]) * s[k / block];
+      if (o) out[k] += o[k / block];
+    }
+  }
+
+ private:
+  // Calls fn with this weight's format (a Q8Rows or BF16Rows).
+  template <typename Fn>
+  void with_format(Fn&& fn) const {
+    if (!block) return fn(BF16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), K});
     const int8_t* q = w.data_ptr<int8_t>();
     const float* s = scale.data_ptr<float>();
     const float* o = offset.numel() ? offset.data_ptr<float>() : nullptr;
     const int64_t nb = K / block;
     if (block == 32) {
-      if (o) return gemm(Q8Rows<32, true>{q, s, o, K, nb}, x, M, K, N, y);
-      return gemm(Q8Rows<32, false>{q, s, o, K, nb}, x, M, K, N, y);
+      if (o) return fn(Q8Rows<32, true>{q, s, o, K, nb});
+      return fn(Q8Rows<32, false>{q, s, o, K, nb});
     }
-    if (o) return gemm(Q8Rows<16, true>{q, s, o, K, nb}, x, M, K, N, y);
-    gemm(Q8Rows<16, false>{q, s, o, K, nb}, x, M, K, N, y);
+    if (o) return fn(Q8Rows<16, true>{q, s, o, K, nb});
+    fn(Q8Rows<16, false>{q, s, o, K, nb});
   }
 };
 

@@ -1,7 +1,8 @@
 // CPU kernels for decoding and verification, as a PyTorch extension: small-batch matrix products
 // with compact weights (gemm.h), attention, RMSNorm and RoPE over a few rows (rows.h), and a whole
-// decoder layer in one call (block.h). Every op computes each row independently of the others
-// (batch-invariant), so verifying draft tokens gives bit-identical results to decoding them one by one.
+// decoder layer (block.h) or MTP draft step (draft.h) in one call. Every op computes each row
+// independently of the others (batch-invariant), so verifying draft tokens gives bit-identical
+// results to decoding them one by one.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "block.h"
+#include "draft.h"
 #include "gemm.h"
 #include "rows.h"
 
@@ -167,4 +169,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("post_attn_norm"), py::arg("mlp_norm"), py::arg("gate_up"), py::arg("gelu"), py::arg("down"),
            py::arg("post_mlp_norm"), py::arg("layer_scalar"), py::arg("eps"))
       .def("forward", &Block::forward, "one decoder layer: returns its output and writes the new keys and values");
+  py::class_<LayerRound>(m, "LayerRound")
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t,
+                    int64_t, bool>(),
+           py::arg("cos"), py::arg("sin"), py::arg("k"), py::arg("v"), py::arg("kpos"), py::arg("qpos"), py::arg("window"),
+           py::arg("end"), py::arg("strict"));
+  py::class_<Drafter>(m, "Drafter")
+      .def(py::init<Linear, double, Linear, std::vector<Block>, torch::Tensor, double, Linear, Linear, torch::Tensor,
+                    int64_t, Linear, double>(),
+           py::arg("embed"), py::arg("embed_scale"), py::arg("pre"), py::arg("layers"), py::arg("norm"), py::arg("eps"),
+           py::arg("post"), py::arg("centroids"), py::arg("ordering"), py::arg("top_k"), py::arg("head"),
+           py::arg("softcap"))
+      .def("step", &Drafter::step, "one draft step: (next hidden, candidate ids, their scores)");
 }
