@@ -34,7 +34,8 @@ def main() -> None:
     def gathered():
         rows = lambda t: t.index_select(0, ids)  # noqa: E731
         off = rows(table.offset) if table.offset.numel() else table.offset
-        return table.kernels.q8_linear(x[None], rows(table.q), rows(table.scale), off, table.block)[0]
+        gathered = table.kernels.Linear(rows(table.q), rows(table.scale), off, table.block, table.bits, table.zero)
+        return gathered(x[None])[0]
 
     def in_place():
         return table.rows_linear(x, ids)

@@ -32,6 +32,28 @@ def test_q8_matches_dense(block, offset, m):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("zero,offset", [(0, True), (8, False)])
+def test_4bit_blocks_are_bit_identical_to_int8(zero, offset):
+    """Blocks whose values span 16 integers (GGUF Q4_1/Q4_K: 0..15 with offsets; Q4_0: -8..7) are
+    kept two to a byte, and every product, row read and dequantization equals the int8 form's."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 16, (45, 96), dtype=torch.int8, generator=g) - zero
+    off = torch.randn(45, 3, generator=g) * 0.01 if offset else None
+    w = QTensor(q, torch.rand(45, 3, generator=g) * 0.01, off, 32)
+    four, eight = PackedLinear(w), PackedLinear(w, nibbles=False)
+    assert (four.bits, four.zero, four.q.shape) == (4, zero, (45, 48)) and eight.bits == 8
+    assert torch.equal(four.qtensor().q, q) and torch.equal(four.dense_weight(), w.dequantize())
+    ids = torch.tensor([[44, 0], [7, 7]])
+    assert torch.equal(four.rows(ids), w.dequantize()[ids])
+    for m in (1, 2, 5, 6, 7, 13, 40):
+        x = torch.randn(m, 96, generator=g)
+        assert torch.equal(four(x), eight(x)), m
+    x = torch.randn(96, generator=g)
+    assert torch.equal(four.rows_linear(x, ids[0]), eight.rows_linear(x, ids[0]))
+    # values outside a 16-integer span stay int8
+    assert PackedLinear(QTensor(q * 2, w.scale, off, 32)).bits == 8
+
+
 @pytest.mark.parametrize("m", [1, 3, 8, 12, 40])
 def test_bf16_matches_dense(m):
     w = torch.randn(29, 64).bfloat16()
@@ -41,7 +63,7 @@ def test_bf16_matches_dense(m):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["q8-32", "q8-16-offset", "bf16"])
+@pytest.mark.parametrize("fmt", ["q8-32", "q8-16-offset", "q4-offset", "bf16"])
 @pytest.mark.parametrize("k", [80, 640])
 def test_rows_do_not_depend_on_the_batch(fmt, k):
     """Each row of a batched product is bit-identical to that row alone (decode = verify = prefill):
@@ -51,10 +73,13 @@ def test_rows_do_not_depend_on_the_batch(fmt, k):
             pytest.skip("bf16 rows need K a multiple of 32")
         w = torch.randn(23, k).bfloat16()
     else:
-        w = random_qtensor(23, k, 32 if fmt == "q8-32" else 16, "offset" in fmt)
+        w = random_qtensor(23, k, 16 if fmt == "q8-16-offset" else 32, "offset" in fmt)
+        if fmt == "q4-offset":
+            w.q = w.q.abs().clamp_max(15)
     if isinstance(w, QTensor) and k % w.block:
         pytest.skip("K must hold whole blocks")
     lin = PackedLinear(w)
+    assert lin.bits == (4 if fmt == "q4-offset" else 8)
     x = torch.randn(70, k)
     alone = torch.cat([lin(x[i : i + 1]) for i in range(70)])
     for m in (2, 5, 6, 7, 13, 36, 37, 70):
@@ -114,7 +139,7 @@ def test_rope_kernel_is_bit_identical_to_the_tensor_ops(d):
 
 
 def _packed_tiny(arch: str, fmt: str):
-    """A tiny model with every matrix packed (bf16, or int8 blocks of 32 as from a GGUF)."""
+    """A tiny model with every matrix packed (bf16, or blocks of 32 with int8 or 4-bit values)."""
     from aheadlm.packed import quantize_q8
 
     shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -124,12 +149,14 @@ def _packed_tiny(arch: str, fmt: str):
     for name, t in hf_state_dict(hf.state_dict().items(), config):
         if t.dim() == 2 and name.endswith(".weight"):
             t = t.bfloat16() if fmt == "bf16" else quantize_q8(t)
+            if fmt == "q4":  # values -8..7, kept two to a byte
+                t.q = (t.q // 16).clamp(-8, 7)
         tensors.append((name, t))
     return config, build_model(config, tensors, packed=True)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-@pytest.mark.parametrize("fmt", ["bf16", "q8"])
+@pytest.mark.parametrize("fmt", ["bf16", "q8", "q4"])
 def test_compiled_layers_are_bit_identical_to_the_per_op_path(arch, fmt):
     """A decoder layer in one compiled call (`fused.py`) gives the same logits, hidden states and
     cache contents, bit for bit, as the per-op path: padded batch rows, decode steps, verification
@@ -137,6 +164,7 @@ def test_compiled_layers_are_bit_identical_to_the_per_op_path(arch, fmt):
     config, model = _packed_tiny(arch, fmt)
     compiled = [b.compiled for b in model.layers]
     assert all(c is not None for c in compiled)
+    assert all(m.bits == (4 if fmt == "q4" else 8) for m in model.modules() if isinstance(m, PackedLinear) and m.block)
     g = torch.Generator().manual_seed(1)
 
     def run(use_compiled: bool):

@@ -34,13 +34,9 @@ def run(layer, x: torch.Tensor, rope, k: torch.Tensor, v: torch.Tensor, view) ->
     return layer.forward(x, cos, sin, k, v, view.slots, view.kpos, view.qpos, view.window or 0, view.end, view.strict)
 
 
-def _linear(kernels, m: nn.Module | None):
-    if not isinstance(m, PackedLinear) or m.bias is not None:
-        return None
-    if m.block:
-        return kernels.Linear(m.q, m.scale, m.offset, m.block)
-    empty = torch.empty(0)
-    return kernels.Linear(m.w16, empty, empty, 0)
+def _linear(m: nn.Module | None):
+    """The kernels' form of a packed projection without bias, or None."""
+    return m.linear if isinstance(m, PackedLinear) and m.bias is None else None
 
 
 def _weight(norm: nn.Module | None):
@@ -59,7 +55,7 @@ def compile_block(block: nn.Module):
     norms = [n for n in (block.attn_norm, block.mlp_norm, attn.q_norm, attn.k_norm, *post) if n is not None]
     if len({n.eps for n in norms}) != 1 or any(n.weight.dtype != torch.float32 for n in norms):
         return None
-    linears = [_linear(kernels, m) for m in (attn.qkv, attn.o, mlp.gate_up, mlp.down)]
+    linears = [_linear(m) for m in (attn.qkv, attn.o, mlp.gate_up, mlp.down)]
     if any(lin is None for lin in linears):
         return None
     qkv, o, gate_up, down = linears
@@ -97,7 +93,7 @@ def compile_draft_layer(layer: nn.Module):
     if len({n.eps for n in norms}) != 1 or any(n.weight.dtype != torch.float32 for n in norms):
         return None
     gate_up = fuse([layer.gate, layer.up]) if isinstance(layer.gate, PackedLinear) else None
-    linears = [_linear(kernels, m) for m in (layer.q, layer.o, gate_up, layer.down)]
+    linears = [_linear(m) for m in (layer.q, layer.o, gate_up, layer.down)]
     if any(lin is None for lin in linears):
         return None
     q, o, gate_up, down = linears
@@ -138,8 +134,8 @@ def compile_drafter(drafter: nn.Module, target: nn.Module):
     if any(layer.compiled is None for layer in drafter.layers) or not isinstance(target.embed, PackedEmbedding):
         return None
     head = target.embed.table if target.lm_head is None else target.lm_head
-    parts = [_linear(kernels, m) for m in (target.embed.table, drafter.pre_projection, drafter.post_projection)]
-    parts += [_linear(kernels, m) for m in (drafter.centroids, head)]
+    parts = [_linear(m) for m in (target.embed.table, drafter.pre_projection, drafter.post_projection)]
+    parts += [_linear(m) for m in (drafter.centroids, head)]
     if any(p is None for p in parts):
         return None
     embed, pre, post, centroids, head = parts

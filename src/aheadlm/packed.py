@@ -60,24 +60,51 @@ class QTensor:
         return out
 
 
-class PackedLinear(nn.Module):
-    """y = x @ W^T (+ b) with W as a QTensor or bfloat16, float32 activations."""
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """int values 0..15 [..., K] (K a multiple of 32) -> uint8 [..., K / 2]: byte j of each block of
+    32 holds value j in its low nibble and value j + 16 in its high one (the kernels' 4-bit layout)."""
+    b = q.to(torch.uint8).reshape(*q.shape[:-1], -1, 2, 16)
+    return (b[..., 0, :] | (b[..., 1, :] << 4)).reshape(*q.shape[:-1], -1)
 
-    def __init__(self, weight: QTensor | torch.Tensor, bias: torch.Tensor | None = None):
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_nibbles`, as int8."""
+    b = p.reshape(*p.shape[:-1], -1, 1, 16)
+    return torch.cat([b & 15, b >> 4], dim=-2).reshape(*p.shape[:-1], -1).to(torch.int8)
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W^T (+ b) with W as a QTensor or bfloat16, float32 activations. Int8 blocks of 32
+    whose values span at most 16 integers (GGUF's 4-bit formats) are kept two values to a byte
+    (`bits` 4), which halves the bytes a decode step streams; the products are bit-identical."""
+
+    def __init__(self, weight: QTensor | torch.Tensor, bias: torch.Tensor | None = None, nibbles: bool = True):
         super().__init__()
         self.kernels = cpu_kernels()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
+        self.bits, self.zero = 8, 0
         if isinstance(weight, QTensor):
             self.block = weight.block
-            self.register_buffer("q", weight.q.contiguous())
+            q = weight.q
+            if nibbles and self.block == 32 and q.numel():
+                lo, hi = int(q.min()), int(q.max())
+                self.zero = 0 if lo >= 0 and hi <= 15 else 8 if lo >= -8 and hi <= 7 else -1
+                if self.zero >= 0:
+                    self.bits, q = 4, pack_nibbles(q.to(torch.int16) + self.zero)
+                else:
+                    self.zero = 0
+            self.register_buffer("q", q.contiguous())
             self.register_buffer("scale", weight.scale.float().contiguous())
             offset = weight.offset if weight.offset is not None else torch.empty(0)
             self.register_buffer("offset", offset.float().contiguous())
             self.w16 = None
+            self.linear = self.kernels.Linear(self.q, self.scale, self.offset, self.block, self.bits, self.zero)
         else:
             self.block = 0
             self.register_buffer("w16", weight.to(torch.bfloat16).contiguous())
+            empty = torch.empty(0)
+            self.linear = self.kernels.Linear(self.w16, empty, empty, 0)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
     def dense_weight(self) -> torch.Tensor:
@@ -86,27 +113,25 @@ class PackedLinear(nn.Module):
     def rows_linear(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [H] @ W[ids]^T -> [n]: scores against a subset of rows (a clustered draft head). The
         kernels read the rows in place: copying them out first added about a quarter to the time."""
-        ids = ids.long().contiguous()
-        if self.block:
-            y = self.kernels.q8_linear(x.float()[None], self.q, self.scale, self.offset, self.block, ids)
-        else:
-            y = self.kernels.bf16_linear(x.float()[None], self.w16, ids)
+        y = self.linear(x.float()[None], ids.long().contiguous())
         return y[0] if self.bias is None else y[0] + self.bias.index_select(0, ids)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Float32 weight rows `ids` (any shape of indices)."""
-        return self.qtensor().dequantize(ids) if self.block else self.w16[ids].float()
+        return self.qtensor(ids).dequantize() if self.block else self.w16[ids].float()
 
-    def qtensor(self) -> QTensor:
-        return QTensor(self.q, self.scale, self.offset if self.offset.numel() else None, self.block)
+    def qtensor(self, rows: torch.Tensor | None = None) -> QTensor:
+        """The weights (or rows `rows` of them) as an int8 QTensor."""
+        pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
+        q = pick(self.q)
+        if self.bits == 4:
+            q = (unpack_nibbles(q).to(torch.int16) - self.zero).to(torch.int8)
+        offset = pick(self.offset) if self.offset.numel() else None
+        return QTensor(q, pick(self.scale), offset, self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).float()
-        if self.block:
-            y = self.kernels.q8_linear(x2, self.q, self.scale, self.offset, self.block)
-        else:
-            y = self.kernels.bf16_linear(x2, self.w16)
+        y = self.linear(x.reshape(-1, shape[-1]).float())
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)

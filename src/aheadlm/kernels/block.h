@@ -16,18 +16,25 @@
 namespace aheadlm {
 
 // A linear layer's weights in one kernel format, fixed at construction: block-scaled int8 (block
-// 16 or 32, optional offsets) or bfloat16 (block 0).
+// 16 or 32, optional offsets), the same with 4-bit values packed two to a byte (`bits` 4, values
+// minus `zero`), or bfloat16 (block 0).
 struct Linear {
   torch::Tensor w, scale, offset;
-  int64_t block = 0, N = 0, K = 0;
+  int64_t block = 0, N = 0, K = 0, bits = 8, zero = 0;
 
-  Linear(torch::Tensor w_, torch::Tensor scale_, torch::Tensor offset_, int64_t block_)
-      : w(w_.contiguous()), scale(scale_.contiguous()), offset(offset_.contiguous()), block(block_) {
+  Linear(torch::Tensor w_, torch::Tensor scale_, torch::Tensor offset_, int64_t block_, int64_t bits_ = 8,
+         int64_t zero_ = 0)
+      : w(w_.contiguous()), scale(scale_.contiguous()), offset(offset_.contiguous()), block(block_), bits(bits_),
+        zero(zero_) {
     TORCH_CHECK(w.dim() == 2, "Linear: 2-D weights");
     N = w.size(0);
-    K = w.size(1);
-    if (block) {
-      TORCH_CHECK(w.scalar_type() == torch::kInt8 && (block == 16 || block == 32) && K % block == 0,
+    K = bits == 4 ? 2 * w.size(1) : w.size(1);
+    if (bits == 4) {
+      TORCH_CHECK(w.scalar_type() == torch::kUInt8 && block == 32 && K % 32 == 0 && (zero == 0 || zero == 8),
+                  "Linear: 4-bit weights are uint8 pairs in blocks of 32, zero 0 or 8");
+      TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == N * (K / block), "Linear: scales");
+    } else if (block) {
+      TORCH_CHECK(bits == 8 && w.scalar_type() == torch::kInt8 && (block == 16 || block == 32) && K % block == 0,
                   "Linear: int8 weights with block 16 or 32");
       TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == N * (K / block), "Linear: scales");
     } else {
@@ -40,10 +47,26 @@ struct Linear {
     with_format([&](const auto& f) { gemm(f, x, M, K, N, y); });
   }
 
-  // y[n] = x[K] @ W[ids]^T for n row ids, read in place.
-  void run_rows(const float* x, const int64_t* ids, int64_t n, float* y) const {
+  // y[M, n] = x[M, K] @ W[ids]^T for n row ids, read in place.
+  void run_rows(const float* x, int64_t M, const int64_t* ids, int64_t n, float* y) const {
     TORCH_CHECK(std::all_of(ids, ids + n, [this](int64_t i) { return i >= 0 && i < N; }), "Linear: row id out of range");
-    with_format([&](const auto& f) { gemm(Indexed<std::decay_t<decltype(f)>>{f, ids}, x, 1, K, n, y); });
+    with_format([&](const auto& f) { gemm(Indexed<std::decay_t<decltype(f)>>{f, ids}, x, M, K, n, y); });
+  }
+
+  // x [M, K] float32 -> x @ W^T [M, N], or [M, n] against rows `ids` only (int64, any order).
+  torch::Tensor apply(torch::Tensor x, const std::optional<torch::Tensor>& ids) const {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.size(1) == K, "Linear: x must be [M, K] float32");
+    x = x.contiguous();
+    const int64_t M = x.size(0);
+    if (!ids) {
+      auto y = torch::empty({M, N}, x.options());
+      run(x.data_ptr<float>(), M, y.data_ptr<float>());
+      return y;
+    }
+    TORCH_CHECK(ids->scalar_type() == torch::kInt64 && ids->dim() == 1 && ids->is_contiguous(), "Linear: ids layout");
+    auto y = torch::empty({M, ids->numel()}, x.options());
+    run_rows(x.data_ptr<float>(), M, ids->data_ptr<int64_t>(), ids->numel(), y.data_ptr<float>());
+    return y;
   }
 
   // Row n as float32 (K values), rounded as the dequantizer rounds it: q * scale (+ offset).
@@ -53,11 +76,17 @@ struct Linear {
       for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(c10::BFloat16(p[k], c10::BFloat16::from_bits()));
       return;
     }
-    const int8_t* q = w.data_ptr<int8_t>() + n * K;
     const float* s = scale.data_ptr<float>() + n * (K / block);
     const float* o = offset.numel() ? offset.data_ptr<float>() + n * (K / block) : nullptr;
     for (int64_t k = 0; k < K; ++k) {
-      out[k] = static_cast<float>(q[k]) * s[k / block];
+      int v;
+      if (bits == 4) {
+        const uint8_t byte = w.data_ptr<uint8_t>()[n * (K / 2) + (k / 32) * 16 + k % 16];
+        v = (k % 32 >= 16 ? byte >> 4 : byte & 15) - static_cast<int>(zero);
+      } else {
+        v = w.data_ptr<int8_t>()[n * K + k];
+      }
+      out[k] = static_cast<float>(v) * s[k / block];
       if (o) out[k] += o[k / block];
     }
   }
@@ -67,10 +96,15 @@ struct Linear {
   template <typename Fn>
   void with_format(Fn&& fn) const {
     if (!block) return fn(BF16Rows{reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()), K});
-    const int8_t* q = w.data_ptr<int8_t>();
     const float* s = scale.data_ptr<float>();
     const float* o = offset.numel() ? offset.data_ptr<float>() : nullptr;
     const int64_t nb = K / block;
+    if (bits == 4) {
+      const uint8_t* q4 = w.data_ptr<uint8_t>();
+      if (o) return zero ? fn(Q4Rows<true, 8>{q4, s, o, K, nb}) : fn(Q4Rows<true, 0>{q4, s, o, K, nb});
+      return zero ? fn(Q4Rows<false, 8>{q4, s, o, K, nb}) : fn(Q4Rows<false, 0>{q4, s, o, K, nb});
+    }
+    const int8_t* q = w.data_ptr<int8_t>();
     if (block == 32) {
       if (o) return fn(Q8Rows<32, true>{q, s, o, K, nb});
       return fn(Q8Rows<32, false>{q, s, o, K, nb});

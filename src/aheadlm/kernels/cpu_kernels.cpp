@@ -97,69 +97,16 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return y;
 }
 
-// Runs `gemm` on all rows of a weight format, or only on rows `ids` (int64, any order) when given.
-template <typename W>
-torch::Tensor run_linear(const W& w, torch::Tensor x, int64_t N, const std::optional<torch::Tensor>& rows) {
-  x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1);
-  if (rows) {
-    const torch::Tensor& ids = *rows;
-    TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1 && ids.is_contiguous(), "linear: ids layout");
-    const int64_t* ip = ids.data_ptr<int64_t>();
-    const int64_t n = ids.numel();
-    TORCH_CHECK(std::all_of(ip, ip + n, [N](int64_t i) { return i >= 0 && i < N; }), "linear: row id out of range");
-    auto y = torch::empty({M, n}, x.options());
-    gemm(Indexed<W>{w, ip}, x.data_ptr<float>(), M, K, n, y.data_ptr<float>());
-    return y;
-  }
-  auto y = torch::empty({M, N}, x.options());
-  gemm(w, x.data_ptr<float>(), M, K, N, y.data_ptr<float>());
-  return y;
-}
-
-// x [M, K] float32; q [N, K] int8; scale/offset [N, K / block] float32 (offset may be empty);
-// ids: the rows to use (None: all).
-torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor offset, int64_t block,
-                        std::optional<torch::Tensor> ids) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && q.scalar_type() == torch::kInt8, "q8_linear: dtypes");
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "q8_linear: shapes");
-  TORCH_CHECK(block == 16 || block == 32, "q8_linear: block must be 16 or 32");
-  TORCH_CHECK(x.size(1) % block == 0, "q8_linear: K must be a multiple of the block");
-  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && offset.is_contiguous(), "q8_linear: layout");
-  const int64_t K = x.size(1), N = q.size(0), nb = K / block;
-  const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  const float* op = offset.numel() ? offset.data_ptr<float>() : nullptr;
-  if (block == 32) {
-    if (op) return run_linear(Q8Rows<32, true>{qp, sp, op, K, nb}, x, N, ids);
-    return run_linear(Q8Rows<32, false>{qp, sp, op, K, nb}, x, N, ids);
-  }
-  if (op) return run_linear(Q8Rows<16, true>{qp, sp, op, K, nb}, x, N, ids);
-  return run_linear(Q8Rows<16, false>{qp, sp, op, K, nb}, x, N, ids);
-}
-
-// x [M, K] float32; w [N, K] bfloat16; ids as above.
-torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w, std::optional<torch::Tensor> ids) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && w.scalar_type() == torch::kBFloat16, "bf16_linear: dtypes");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "bf16_linear: shapes");
-  TORCH_CHECK(x.size(1) % 32 == 0 && w.is_contiguous(), "bf16_linear: K must be a multiple of 32");
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  return run_linear(BF16Rows{wp, x.size(1)}, x, w.size(0), ids);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q8_linear", &q8_linear, "x @ dequant(q)[ids]^T with block-scaled int8 weights", py::arg("x"), py::arg("q"),
-        py::arg("scale"), py::arg("offset"), py::arg("block"), py::arg("ids") = py::none());
-  m.def("bf16_linear", &bf16_linear, "x @ w[ids]^T with bfloat16 weights, float32 math", py::arg("x"), py::arg("w"),
-        py::arg("ids") = py::none());
   m.def("rms_norm", &rms_norm, "row-wise RMSNorm (float32)");
   m.def("rope", &rope, "rotary embedding, rotate-half form (float32, bit-identical to the tensor ops)");
   m.def("attention", &attention, "batch-invariant attention of a few query rows over a KV cache");
   py::class_<Linear>(m, "Linear")
-      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, int64_t>(), py::arg("w"), py::arg("scale"),
-           py::arg("offset"), py::arg("block"));
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t>(), py::arg("w"),
+           py::arg("scale"), py::arg("offset"), py::arg("block"), py::arg("bits") = 8, py::arg("zero") = 0)
+      .def("__call__", &Linear::apply, "x @ W^T, or against rows ids only", py::arg("x"), py::arg("ids") = py::none());
   py::class_<Block>(m, "Block")
       .def(py::init<torch::Tensor, Linear, int64_t, int64_t, int64_t, bool, std::optional<torch::Tensor>,
                     std::optional<torch::Tensor>, double, Linear, std::optional<torch::Tensor>, torch::Tensor, Linear,

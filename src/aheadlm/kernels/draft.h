@@ -79,7 +79,7 @@ class Drafter {
     auto top = std::get<1>(cent.topk(top_k_, -1));
     auto ids = ordering_.view({centroids_.N, -1}).index({top}).flatten(1)[0].contiguous();
     auto scores = torch::empty({ids.numel()}, opts);
-    head_.run_rows(next.data_ptr<float>(), ids.data_ptr<int64_t>(), ids.numel(), scores.data_ptr<float>());
+    head_.run_rows(next.data_ptr<float>(), 1, ids.data_ptr<int64_t>(), ids.numel(), scores.data_ptr<float>());
     if (softcap_ != 0.0) scores = torch::tanh(scores / softcap_) * softcap_;
     return {next, ids, scores};
   }

@@ -42,6 +42,12 @@ inline vec widen_bf16(const uint16_t* p) {
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+// kWidth 4-bit values: the low (hi = false) or high nibbles of kWidth bytes, minus `zero`.
+inline vec widen_u4(const uint8_t* p, bool hi, int zero) {
+  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  v = hi ? _mm512_srli_epi32(v, 4) : _mm512_and_si512(v, _mm512_set1_epi32(15));
+  return _mm512_cvtepi32_ps(_mm512_sub_epi32(v, _mm512_set1_epi32(zero)));
+}
 inline float vsum(vec v) {
   // A fixed pairwise order (not _mm512_reduce_add_ps, whose order is the compiler's choice).
   __m256 lo = _mm512_castps512_ps256(v);
@@ -65,6 +71,11 @@ inline vec widen_bf16(const uint16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+inline vec widen_u4(const uint8_t* p, bool hi, int zero) {
+  __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  v = hi ? _mm256_srli_epi32(v, 4) : _mm256_and_si256(v, _mm256_set1_epi32(15));
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(v, _mm256_set1_epi32(zero)));
+}
 inline float vsum(vec v) { return hsum8(v); }
 #endif
 
@@ -85,6 +96,29 @@ struct Q8Rows {
   }
   inline vec load(int64_t n, int64_t k, const Scale& s) const {
     vec w = vmul(widen_i8(q + n * K + k), s.s);
+    if (OFF) w = vadd(w, s.o);
+    return w;
+  }
+};
+
+// 4-bit values (GGUF's Q4_0, Q4_1 and Q4_K blocks) packed two to a byte, 16 bytes per block of 32:
+// byte j holds value j in its low nibble and value j + 16 in its high one. w = (nibble - ZERO) *
+// scale (+ offset): the same integers and roundings as the int8 form of the same blocks, so the
+// products are bit-identical to it at about half the bytes.
+template <bool OFF, int ZERO>
+struct Q4Rows {
+  static constexpr int kBlock = 32;
+  using Scale = typename Q8Rows<32, OFF>::Scale;
+  const uint8_t* q;
+  const float* sc;
+  const float* off;
+  int64_t K, nb;
+  inline Scale scale(int64_t n, int64_t b) const {
+    return {vbroadcast(sc + n * nb + b), OFF ? vbroadcast(off + n * nb + b) : vzero()};
+  }
+  inline vec load(int64_t n, int64_t k, const Scale& s) const {
+    const int64_t j = k % 32;
+    vec w = vmul(widen_u4(q + n * (K / 2) + (k / 32) * 16 + j % 16, j >= 16, ZERO), s.s);
     if (OFF) w = vadd(w, s.o);
     return w;
   }
