@@ -20,14 +20,14 @@ import torch
 PROMPT = "The history of the printing press begins"
 
 
-def aheadlm_runner(model: str, dtype: str, packed: bool, compiled: bool = True):
+def aheadlm_runner(model: str, dtype: str, packed: bool, compiled: bool = True, nibbles: bool = True):
     import aheadlm
     from aheadlm.checkpoint import build_model, load_checkpoint
     from aheadlm.engine import Engine, GenerationStats
     from aheadlm.registry import resolve
 
     config, tensors, tok = load_checkpoint(resolve(model))
-    net = build_model(config, tensors, dtype=aheadlm.api.resolve_dtype(dtype), packed=packed)
+    net = build_model(config, tensors, dtype=aheadlm.api.resolve_dtype(dtype), packed=packed, nibbles=nibbles)
     if not compiled:  # the per-op path the compiled layers replace (same kernels, bit-identical)
         for block in net.layers:
             block.compiled = None
@@ -126,7 +126,10 @@ def main():
 
     engines = {
         "aheadlm float32 (packed)": aheadlm_runner(a.model, "float32", True),
+        "aheadlm float32 (packed, int8 blocks)": aheadlm_runner(a.model, "float32", True, nibbles=False),
         "aheadlm float32 (packed, per-op layers)": aheadlm_runner(a.model, "float32", True, compiled=False),
+        # the engine before compiled layers and 4-bit blocks (2026-11-30 morning): same tokens
+        "aheadlm float32 (packed, int8, per-op)": aheadlm_runner(a.model, "float32", True, False, False),
         "aheadlm float32 (dense)": aheadlm_runner(a.model, "float32", False),
         "aheadlm bfloat16": aheadlm_runner(a.model, "bfloat16", False),
         "transformers float32": transformers_runner(a.model, "float32"),

@@ -112,11 +112,13 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     device="cpu",
     packed: bool | None = None,
+    nibbles: bool = True,
 ) -> Transformer:
     """Instantiate without random init and fill from (name, tensor) pairs; strict about names/shapes.
 
     With float32 on CPU, int8-block (GGUF) and bfloat16 matrices stay packed for the compiled
-    kernels (`packed=False` dequantizes them to dense float32 instead)."""
+    kernels (`packed=False` dequantizes them to dense float32 instead); blocks of 4-bit values are
+    kept two to a byte unless `nibbles=False` (the same products, more bytes)."""
     with torch.device("meta"):
         model = Transformer(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -136,11 +138,11 @@ def build_model(
         compact = isinstance(t, QTensor) or t.dtype == torch.bfloat16
         if packed and compact and name.endswith(".weight") and packable(t):
             if isinstance(module, Embedding):
-                _replace_module(model, module_path, PackedEmbedding(t))
+                _replace_module(model, module_path, PackedEmbedding(t, nibbles))
                 done.add(name)
                 continue
             if isinstance(module, nn.Linear):
-                _replace_module(model, module_path, PackedLinear(t))
+                _replace_module(model, module_path, PackedLinear(t, nibbles=nibbles))
                 done.add(name)
                 continue
         state[name] = dense(t).to(device=device, dtype=dtype)

@@ -155,9 +155,9 @@ def dense_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 class PackedEmbedding(nn.Module):
     """Embedding lookups (and the tied output head) from a packed table."""
 
-    def __init__(self, weight: QTensor | torch.Tensor):
+    def __init__(self, weight: QTensor | torch.Tensor, nibbles: bool = True):
         super().__init__()
-        self.table = PackedLinear(weight)
+        self.table = PackedLinear(weight, nibbles=nibbles)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -232,4 +232,5 @@ def fuse(modules: list[nn.Module]) -> nn.Module | None:
     with_offset = any(p.offset is not None for p in parts)
     parts = [_as_block(p, block, with_offset) for p in parts]
     offset = torch.cat([p.offset for p in parts]) if with_offset else None
-    return PackedLinear(QTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), offset, block))
+    fused = QTensor(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), offset, block)
+    return PackedLinear(fused, nibbles=all(m.bits == 4 for m in modules))
