@@ -247,3 +247,22 @@ def test_compiled_draft_layers_are_bit_identical_to_the_per_op_path(arch, tmp_pa
             h_c, got_ids, got = step.step(tok, h_c, layers)
             assert torch.equal(h[0], h_c) and torch.equal(want_ids, got_ids) and torch.equal(want, got)
             tok = int(want_ids[want.argmax()])
+
+    # The proposer takes the compiled step: the same drafts, confidences and (sampled) draft
+    # distributions as with the per-op step, so rejection sampling sees the same q.
+    from aheadlm.proposers import MTPProposer, SpecState
+    from aheadlm.sampling import SamplingParams
+
+    state = SpecState(ids[0].tolist() + [5], hidden[0, -1], cache, target)
+    for params in (SamplingParams(), SamplingParams(temperature=0.7, top_k=8)):
+        out = []
+        for use_compiled in (True, False):
+            for layer, c in zip(drafter.layers, compiled, strict=True):
+                layer.compiled = c if use_compiled else None  # no compiled layers: no compiled step
+            proposer = MTPProposer(drafter, threshold=0.0)
+            draft = proposer.propose(state, 3, params, torch.Generator().manual_seed(4))
+            assert (proposer.compiled_step(target) is not None) == use_compiled
+            out.append(draft)
+        assert out[0].tokens == out[1].tokens and out[0].confidences == out[1].confidences
+        assert (out[0].probs is None) == params.greedy
+        assert params.greedy or torch.equal(out[0].probs, out[1].probs)

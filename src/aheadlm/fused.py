@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .kernels import cpu_kernels
-from .packed import PackedLinear, fuse
+from .packed import PackedEmbedding, PackedLinear, fuse
 
 MAX_ROWS = 64
 """Most tokens per sequence a compiled layer takes (the attention kernel's limit; prefill chunks
@@ -43,6 +43,14 @@ def _weight(norm: nn.Module | None):
     return None if norm is None else norm.weight.detach()
 
 
+def _one_eps(norms) -> float | None:
+    """The common epsilon of float32 norms (the compiled layer takes one), or None."""
+    norms = [n for n in norms if n is not None]
+    if len({n.eps for n in norms}) != 1 or any(n.weight.dtype != torch.float32 for n in norms):
+        return None
+    return norms[0].eps
+
+
 def compile_block(block: nn.Module):
     """`block` (a `model.Block`) as a compiled layer, or None when it cannot be one."""
     kernels = cpu_kernels()
@@ -52,14 +60,11 @@ def compile_block(block: nn.Module):
     if attn.shared or attn.k_eq_v or attn.value_norm or attn.qkv is None or mlp.gate_up is None:
         return None
     post = (block.post_attn_norm, block.post_mlp_norm) if block.sandwich else (None, None)
-    norms = [n for n in (block.attn_norm, block.mlp_norm, attn.q_norm, attn.k_norm, *post) if n is not None]
-    if len({n.eps for n in norms}) != 1 or any(n.weight.dtype != torch.float32 for n in norms):
-        return None
+    eps = _one_eps((block.attn_norm, block.mlp_norm, attn.q_norm, attn.k_norm, *post))
     linears = [_linear(m) for m in (attn.qkv, attn.o, mlp.gate_up, mlp.down)]
-    if any(lin is None for lin in linears):
+    if eps is None or any(lin is None for lin in linears):
         return None
     qkv, o, gate_up, down = linears
-
     return kernels.Block(
         attn_norm=_weight(block.attn_norm),
         qkv=qkv,
@@ -78,7 +83,7 @@ def compile_block(block: nn.Module):
         down=down,
         post_mlp_norm=_weight(post[1]),
         layer_scalar=None,
-        eps=norms[0].eps,
+        eps=eps,
     )
 
 
@@ -88,16 +93,12 @@ def compile_draft_layer(layer: nn.Module):
     kernels = cpu_kernels()
     if kernels is None:
         return None
-    norms = (layer.attn_norm, layer.mlp_norm, layer.q_norm, layer.post_attn_norm, layer.post_mlp_norm)
-    norms = [n for n in norms if n is not None]
-    if len({n.eps for n in norms}) != 1 or any(n.weight.dtype != torch.float32 for n in norms):
-        return None
+    eps = _one_eps((layer.attn_norm, layer.mlp_norm, layer.q_norm, layer.post_attn_norm, layer.post_mlp_norm))
     gate_up = fuse([layer.gate, layer.up]) if isinstance(layer.gate, PackedLinear) else None
     linears = [_linear(m) for m in (layer.q, layer.o, gate_up, layer.down)]
-    if any(lin is None for lin in linears):
+    if eps is None or any(lin is None for lin in linears):
         return None
     q, o, gate_up, down = linears
-
     return kernels.Block(
         attn_norm=_weight(layer.attn_norm),
         qkv=q,
@@ -116,7 +117,7 @@ def compile_draft_layer(layer: nn.Module):
         down=down,
         post_mlp_norm=_weight(layer.post_mlp_norm),
         layer_scalar=layer.layer_scalar.detach().float(),
-        eps=norms[0].eps,
+        eps=eps,
     )
 
 
@@ -125,8 +126,6 @@ def compile_drafter(drafter: nn.Module, target: nn.Module):
     `step(token, hidden, round)` -> (next hidden, candidate ids, their scores), as
     `MTPDrafter.step` then `MTPDrafter.scores` compute them. None unless the drafter's layers are
     compiled and it scores the clustered candidates with the target's packed head."""
-    from .packed import PackedEmbedding
-
     kernels = cpu_kernels()
     cfg = drafter.config
     if kernels is None or cfg.head != "target" or drafter.centroids is None:
