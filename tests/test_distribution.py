@@ -166,3 +166,29 @@ def test_verify_sampled_exact(with_q):
 def test_exact_joint_sums_to_one(target):
     for params in SETTINGS.values():
         assert abs(exact_joint(target, params).sum().item() - 1) < 1e-6
+
+
+def test_inverse_transform_sampler():
+    """`sample` draws each token with its probability (unnormalised rows, several rows at once),
+    never a zero-probability token, including when the uniform draw lands at the very top."""
+    from aheadlm.sampling import sample
+
+    probs = torch.tensor([[0.0, 0.2, 0.0, 1.2, 0.6, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0, 0.5]])
+    g = torch.Generator().manual_seed(0)
+    n = 20_000
+    draws = torch.stack([sample(probs, g) for _ in range(n)])  # [n, 2]
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=6).double() / n
+        want = probs[row].double() / probs[row].sum()
+        assert torch.all(freq[want == 0] == 0)
+        se = (want * (1 - want) / n).sqrt()
+        assert torch.all((freq - want).abs() <= 4 * se + 1e-12), (row, freq, want)
+
+    # A draw at the very top (u * total rounding to the total) still picks a token with mass.
+    top = torch.tensor([[0.25, 0.75, 0.0]])
+    real_rand = torch.rand
+    try:
+        torch.rand = lambda *a, **kw: torch.ones(a[0], dtype=torch.float64)
+        assert int(sample(top, g)[0]) == 1
+    finally:
+        torch.rand = real_rand

@@ -14,7 +14,7 @@ import torch
 
 from .kv_cache import KVCache
 from .model import Transformer
-from .sampling import SamplingParams, processed_probs
+from .sampling import SamplingParams, processed_probs, sample_one
 
 
 @dataclass
@@ -91,7 +91,7 @@ def generate_batch(
                 t = int(logits[b].argmax())
             else:
                 probs = processed_probs(logits[b : b + 1], SamplingParams(temperature=temps[b]))
-                t = int(torch.multinomial(probs[0], 1, generator=gen))
+                t = sample_one(probs[0], gen)
             rows[b].tokens.append(t)
             nxt.append(t)
             if t in stop_ids:

@@ -11,7 +11,7 @@ from . import fused
 from .drafter import MTPDrafter
 from .kv_cache import KVCache
 from .model import Transformer
-from .sampling import SamplingParams, processed_probs
+from .sampling import SamplingParams, processed_probs, sample_one
 
 
 @dataclass
@@ -60,7 +60,7 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
         tok = int(probs.argmax())
         return tok, None, float(probs[tok])
     q = processed_probs(logits[None], params)[0]
-    tok = int(torch.multinomial(q, 1, generator=generator))
+    tok = sample_one(q, generator)
     return tok, q, float(q.max())
 
 
@@ -82,7 +82,7 @@ def choose_candidate(ids: torch.Tensor | None, scores: torch.Tensor, vocab_size:
         best = int(probs.argmax())
         return int(ids[best]), None, float(probs[best])
     p = processed_probs(scores[None], params)[0]
-    j = int(torch.multinomial(p, 1, generator=generator))
+    j = sample_one(p, generator)
     q = torch.zeros(vocab_size, dtype=p.dtype, device=p.device).index_copy_(0, ids, p)
     return int(ids[j]), q, float(p.max())
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .sampling import sample_one
+
 
 def verify_greedy(target_logits: torch.Tensor, drafts: list[int]) -> tuple[int, int]:
     """target_logits `[k+1, V]` (already penalised) -> (accepted, bonus)."""
@@ -53,5 +55,5 @@ def verify_sampled(
                     residual = (p[i] - q[i]).clamp_min(0.0)
                 total = residual.sum()
                 dist = residual / total if total > 0 else p[i]
-                return i, int(torch.multinomial(dist, 1, generator=generator))
-    return k, int(torch.multinomial(p[k], 1, generator=generator))
+                return i, sample_one(dist, generator)
+    return k, sample_one(p[k], generator)
