@@ -63,7 +63,8 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   TORCH_CHECK(w.numel() == H, "rms_norm: weight size");
   auto y = torch::empty_like(x);
   const float* xp = x.data_ptr<float>();
-  const float* wp = w.contiguous().data_ptr<float>();
+  w = w.contiguous();  // kept alive: wp points into it
+  const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) rms_row(xp + r * H, wp, yp + r * H, H, static_cast<float>(eps));

@@ -60,7 +60,8 @@ class Drafter {
     embed_.row(token, in.data());
     if (embed_scale_ != 1.f)
       for (int64_t d = 0; d < ht; ++d) in[d] *= embed_scale_;
-    const float* hp = hidden.contiguous().data_ptr<float>();
+    hidden = hidden.contiguous();  // kept alive: hp points into it
+    const float* hp = hidden.data_ptr<float>();
     std::copy(hp, hp + ht, in.begin() + ht);
     auto x = torch::empty({1, 1, h}, opts);
     pre_.run(in.data(), 1, x.data_ptr<float>());
