@@ -192,3 +192,22 @@ def test_inverse_transform_sampler():
         assert int(sample(top, g)[0]) == 1
     finally:
         torch.rand = real_rand
+
+
+@pytest.mark.parametrize("vocab", [12, 1000, 5000])
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.9, 0.99])
+def test_top_p_filter_matches_a_full_sort(vocab, top_p):
+    """The top-p filter sorts only a growing prefix of the most likely tokens; it keeps exactly the
+    tokens a sort of the whole vocabulary keeps, including flat rows that need the prefix to grow."""
+    from aheadlm.sampling import top_p_filter
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(3, vocab, generator=g) * torch.tensor([[4.0], [1.0], [0.05]])  # peaked .. flat
+    probs = torch.softmax(logits, -1)
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+    drop[..., 0] = False
+    want = probs.masked_fill(drop.scatter(-1, idx, drop), 0.0)
+    got = top_p_filter(probs, top_p)
+    assert torch.equal(got > 0, want > 0)
+    assert torch.equal(got[got > 0], probs[got > 0])

@@ -68,15 +68,29 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         x = x.masked_fill(x < kth, float("-inf"))
     probs = torch.softmax(x, dim=-1)
     if params.top_p is not None and params.top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        before = sorted_p.cumsum(-1) - sorted_p  # mass of strictly better tokens
-        drop = before >= params.top_p
-        drop[..., 0] = False
-        probs = probs.masked_fill(drop.scatter(-1, idx, drop), 0.0)
+        probs = top_p_filter(probs, params.top_p)
     if params.min_p:
         floor = probs.max(-1, keepdim=True).values * params.min_p
         probs = probs.masked_fill(probs < floor, 0.0)
     return probs / probs.sum(-1, keepdim=True)
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero each token whose strictly more likely tokens already hold `top_p` of the mass (the most
+    likely token always stays), for probs `[N, V]`. Only the k most likely tokens are sorted, k =
+    64, 256, ... until they hold `top_p` in every row: every later token is dropped anyway. Sorting
+    all of Gemma's 262k tokens took 19 ms a row, longer than a decode step."""
+    V = probs.shape[-1]
+    k = min(64, V)
+    while True:
+        vals, idx = probs.topk(k, dim=-1)  # sorted, most likely first
+        cum = vals.cumsum(-1)
+        if k == V or bool((cum[..., -1] >= top_p).all()):
+            break
+        k = min(V, 4 * k)
+    keep = (cum - vals) < top_p  # mass of strictly better tokens
+    keep[..., 0] = True
+    return torch.zeros_like(probs).scatter(-1, idx, vals * keep)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
