@@ -261,10 +261,10 @@ class MTPDrafter(nn.Module):
         """One draft step for every query row: emb, hidden [B, T, H_target] (scaled target
         embeddings of the input tokens, incoming hidden states) -> (head input, next hidden)."""
         x = self.pre_projection(torch.cat([emb, hidden], dim=-1))
-        compiled = fused.takes(x)
+        compiled = fused.takes(x) and fused.float32_kv(ctx)
         for layer in self.layers:
-            k, v, view = ctx.kv[layer.layer_type]
-            if compiled and layer.compiled is not None and k.dtype == torch.float32:
+            if compiled and layer.compiled is not None:
+                k, v, view = ctx.kv[layer.layer_type]
                 x = fused.run(layer.compiled, x, ctx.rope[layer.layer_type], k, v, view)
             else:
                 x = layer(x, ctx)

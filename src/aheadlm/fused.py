@@ -27,6 +27,11 @@ def takes(x: torch.Tensor) -> bool:
     return few_cpu_rows and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
+def float32_kv(ctx) -> bool:
+    """Whether a draft round's target K/V (`drafter.RoundContext`) are float32, as compiled layers need."""
+    return all(k.dtype == torch.float32 for k, _, _ in ctx.kv.values())
+
+
 def run(layer, x: torch.Tensor, rope, k: torch.Tensor, v: torch.Tensor, view) -> torch.Tensor:
     """One compiled layer on x with RoPE tables `rope` over cached k, v as `view` (an `AttnView`)
     shows them; its new keys and values go to `view.slots` unless the layer is query-only."""

@@ -312,12 +312,12 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         per_layer = self.per_layer_inputs(tokens, x) if self.config.per_layer_dim else None
         ropes = {t: rope_tables(getattr(self, f"inv_freq_{t}"), positions, x.dtype) for t in views}
-        compiled = fused.takes(x)
+        compiled = fused.takes(x) and cache.k[0].dtype == torch.float32
         for i, block in enumerate(self.layers):
             t = self.config.layer_types[i]
             view = views[t]
             hooked = block._forward_pre_hooks or block._forward_hooks  # hooks need the module call
-            if compiled and block.compiled is not None and not hooked and cache.k[i].dtype == torch.float32:
+            if compiled and block.compiled is not None and not hooked:
                 x = fused.run(block.compiled, x, ropes[t], cache.k[i], cache.v[i], view)
             else:
                 x = block(x, ropes[t], cache, i, view, None if per_layer is None else per_layer[:, :, i])

@@ -89,11 +89,9 @@ class PackedLinear(nn.Module):
             q = weight.q
             if nibbles and self.block == 32 and q.numel():
                 lo, hi = int(q.min()), int(q.max())
-                self.zero = 0 if lo >= 0 and hi <= 15 else 8 if lo >= -8 and hi <= 7 else -1
-                if self.zero >= 0:
-                    self.bits, q = 4, pack_nibbles(q.to(torch.int16) + self.zero)
-                else:
-                    self.zero = 0
+                zero = 0 if lo >= 0 and hi <= 15 else 8 if lo >= -8 and hi <= 7 else None
+                if zero is not None:
+                    self.bits, self.zero, q = 4, zero, pack_nibbles(q.to(torch.int16) + zero)
             self.register_buffer("q", q.contiguous())
             self.register_buffer("scale", weight.scale.float().contiguous())
             offset = weight.offset if weight.offset is not None else torch.empty(0)

@@ -118,11 +118,8 @@ class MTPProposer(Proposer):
         ctx = d.round_context(target, state.cache, pos)
         tok = state.tokens[-1]
         h = state.hidden[None].to(d.dtype)
-        compiled = self.compiled_step(target) if h.dtype == torch.float32 and h.device.type == "cpu" else None
-        if compiled is not None and all(kv[0].dtype == torch.float32 for kv in ctx.kv.values()):
-            layers = fused.draft_round(d, ctx)
-        else:
-            compiled = None
+        compiled = self.compiled_step(target) if fused.takes(h[:, None]) and fused.float32_kv(ctx) else None
+        layers = fused.draft_round(d, ctx) if compiled is not None else None
         tokens, qs, confs = [], [], []
         for _ in range(k):
             if compiled is not None:  # the same numbers as the step and scores below, in one call

@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-_HEADERS = ("gemm.h", "rows.h", "block.h", "draft.h")
 
 
 @functools.cache
@@ -51,7 +50,7 @@ def cpu_kernels():
     from ..progress import status
     from ..registry import cache_dir
 
-    src = b"".join(_SOURCE.with_name(n).read_bytes() for n in (_SOURCE.name, *_HEADERS))
+    src = b"".join(p.read_bytes() for p in [_SOURCE, *sorted(_SOURCE.parent.glob("*.h"))])
     flags = list(_build_flags())
     tag = hashlib.sha256(src + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
     build = cache_dir() / "kernels" / tag

@@ -78,13 +78,15 @@ struct Linear {
     }
     const float* s = scale.data_ptr<float>() + n * (K / block);
     const float* o = offset.numel() ? offset.data_ptr<float>() + n * (K / block) : nullptr;
+    const uint8_t* q4 = bits == 4 ? w.data_ptr<uint8_t>() + n * (K / 2) : nullptr;
+    const int8_t* q8 = bits == 4 ? nullptr : w.data_ptr<int8_t>() + n * K;
     for (int64_t k = 0; k < K; ++k) {
       int v;
-      if (bits == 4) {
-        const uint8_t byte = w.data_ptr<uint8_t>()[n * (K / 2) + (k / 32) * 16 + k % 16];
+      if (q4) {
+        const uint8_t byte = q4[(k / 32) * 16 + k % 16];
         v = (k % 32 >= 16 ? byte >> 4 : byte & 15) - static_cast<int>(zero);
       } else {
-        v = w.data_ptr<int8_t>()[n * K + k];
+        v = q8[k];
       }
       out[k] = static_cast<float>(v) * s[k / block];
       if (o) out[k] += o[k / block];
