@@ -32,15 +32,6 @@ def accepted(draft: list[int], truth: list[int]) -> int:
     return n
 
 
-def copy_distance(lookup: NgramProposer, tokens: list[int]) -> int | None:
-    """How far back lookup's match ends (its index is filled by the `propose` just before)."""
-    for n in range(lookup.max_n, lookup.min_n - 1, -1):
-        end = lookup._index.get(tuple(tokens[-n:]))
-        if end is not None:
-            return len(tokens) - 1 - end
-    return None
-
-
 def bucket(value: int, edges: tuple[int, ...], name: str) -> str:
     for e in edges:
         if value <= e:
@@ -69,7 +60,9 @@ def main():
         draft = propose(state, k, params, generator)
         lookup.begin(state.tokens)
         copy = lookup.propose(state, k, params, generator).tokens
-        rounds.append((len(state.tokens), draft.tokens, copy, copy_distance(lookup, state.tokens)))
+        found = lookup.match(state.tokens)
+        distance = None if found is None else len(state.tokens) - 1 - found[0]  # how far back the copy is
+        rounds.append((len(state.tokens), draft.tokens, copy, distance))
         return draft
 
     proposer.propose = recording  # an instance attribute: this engine only

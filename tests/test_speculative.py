@@ -3,6 +3,7 @@ proposer and draft length, rounds cut by stop tokens / max tokens / the context 
 always agrees gets everything accepted, and adaptive drafting stays lossless."""
 
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -205,6 +206,21 @@ def test_hybrid_caps_fallback_drafts_and_counts_rounds_by_source(target):
     assert sum(c[0] for c in by.values()) == stats.target_forwards
     assert by["recorder"][1] == sum(rec.asked) <= 2 * by["recorder"][0]
     assert sum(c[1] for c in by.values()) == stats.drafted and sum(c[2] for c in by.values()) == stats.accepted
+
+
+def test_ngram_match_takes_the_longest_latest_suffix():
+    """Lookup's match: the longest suffix n-gram (max_n down to min_n) that occurred before, at its
+    latest occurrence, never the suffix itself; the proposal is what followed it."""
+    lookup = NgramProposer(max_n=3, min_n=1)
+    assert lookup.match([5, 6, 7]) is None
+    lookup.begin([])  # a new sequence
+    assert lookup.match([1, 2, 3, 9, 4, 2, 3, 8, 1, 2, 3]) == (2, 3)  # [1, 2, 3], not the later [2, 3]
+    lookup.begin([])
+    assert lookup.match([4, 2, 3, 8, 2, 3]) == (2, 2)
+    lookup.begin([])
+    assert lookup.match([7, 1, 7, 2, 7]) == (2, 1)  # the latest 7 before the last one
+    state = SimpleNamespace(tokens=[7, 1, 7, 2, 7])
+    assert lookup.propose(state, 4, None, None).tokens == [2, 7]
 
 
 @pytest.mark.parametrize("ngram", [False, True])

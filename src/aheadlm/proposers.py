@@ -160,16 +160,24 @@ class NgramProposer(Proposer):
                     self._index[tuple(tokens[end - n + 1 : end + 1])] = end
         self._indexed = max(self._indexed, len(tokens) - 1)
 
-    def propose(self, state, k, params, generator):
-        toks = state.tokens
-        self._extend(toks)
+    def match(self, tokens: list[int]) -> tuple[int, int] | None:
+        """(end, n): where the latest earlier occurrence of the longest matching suffix n-gram
+        ends, and n; None when no n-gram of min_n..max_n matches."""
+        self._extend(tokens)
         for n in range(self.max_n, self.min_n - 1, -1):
-            if len(toks) < n:
+            if len(tokens) < n:
                 continue
-            end = self._index.get(tuple(toks[-n:]))
+            end = self._index.get(tuple(tokens[-n:]))
             if end is not None:
-                return Draft(toks[end + 1 : end + 1 + k], source=self.name)
-        return Draft([])
+                return end, n
+        return None
+
+    def propose(self, state, k, params, generator):
+        found = self.match(state.tokens)
+        if found is None:
+            return Draft([])
+        end = found[0]
+        return Draft(state.tokens[end + 1 : end + 1 + k], source=self.name)
 
 
 class HybridProposer(Proposer):
