@@ -71,26 +71,7 @@ struct Linear {
 
   // Row n as float32 (K values), rounded as the dequantizer rounds it: q * scale (+ offset).
   void row(int64_t n, float* out) const {
-    if (!block) {
-      const auto* p = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()) + n * K;
-      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(c10::BFloat16(p[k], c10::BFloat16::from_bits()));
-      return;
-    }
-    const float* s = scale.data_ptr<float>() + n * (K / block);
-    const float* o = offset.numel() ? offset.data_ptr<float>() + n * (K / block) : nullptr;
-    const uint8_t* q4 = bits == 4 ? w.data_ptr<uint8_t>() + n * (K / 2) : nullptr;
-    const int8_t* q8 = bits == 4 ? nullptr : w.data_ptr<int8_t>() + n * K;
-    for (int64_t k = 0; k < K; ++k) {
-      int v;
-      if (q4) {
-        const uint8_t byte = q4[(k / 32) * 16 + k % 16];
-        v = (k % 32 >= 16 ? byte >> 4 : byte & 15) - static_cast<int>(zero);
-      } else {
-        v = q8[k];
-      }
-      out[k] = static_cast<float>(v) * s[k / block];
-      if (o) out[k] += o[k / block];
-    }
+    with_format([&](const auto& f) { widen_row(f, n, K, out); });
   }
 
  private:

@@ -211,6 +211,18 @@ inline void tile(const W& w, const float* x, int64_t K, int64_t n, float* y, int
     }
 }
 
+// Row n of a weight format as K float32 values, widened exactly as the products widen it.
+template <typename W>
+void widen_row(const W& w, int64_t n, int64_t K, float* out) {
+  for (int64_t b = 0; b < K / W::kBlock; ++b) {
+    const auto s = w.scale(n, b);
+    for (int j = 0; j < W::kBlock; j += kWidth) {
+      const int64_t k = b * W::kBlock + j;
+      vstore(out + k, w.load(n, k, s));
+    }
+  }
+}
+
 // M <= 6: every weight is widened once, one weight row per tile (one memory stream per thread).
 template <typename W>
 void gemm_small(const W& w, const float* x, int64_t M, int64_t K, int64_t N, float* y) {
@@ -245,14 +257,7 @@ void gemm_large(const W& w, const float* x, int64_t M, int64_t K, int64_t N, flo
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n = 2 * p;
         const int nr = n + 1 < N ? 2 : 1;
-        for (int r = 0; r < nr; ++r)
-          for (int64_t b = 0; b < K / W::kBlock; ++b) {
-            const auto s = w.scale(n + r, b);
-            for (int j = 0; j < W::kBlock; j += kWidth) {
-              const int64_t k = b * W::kBlock + j;
-              vstore(buf.data() + r * K + k, w.load(n + r, k, s));
-            }
-          }
+        for (int r = 0; r < nr; ++r) widen_row(w, n + r, K, buf.data() + r * K);
         const F32Rows f{buf.data(), K};
         int64_t m = 0;
         for (; m + 4 <= mr; m += 4) {
