@@ -74,6 +74,9 @@ class DrafterConfig:
     sliding_keys: int = 0
     """How many cached positions before the query a sliding layer sees; 0 = the target's window
     minus one (the query's own position is not cached). Gemma 4 assistants see window + 1."""
+    copy_head: bool = False
+    """Add a pointer over the context (`CopyHead`, not part of Gemma 4) mixed into the head's
+    distribution by a learned gate."""
 
     def __post_init__(self):
         if not self.layer_types:
@@ -201,6 +204,47 @@ class DraftLayer(nn.Module):
         return x * self.layer_scalar
 
 
+class CopyHead(nn.Module):
+    """A pointer over the context, mixed into the head's distribution (not part of Gemma 4).
+
+    Why: the targets mostly repeat text from their context, and a drafter reading K/V barely
+    learns to copy (`benchmarks/copy_rounds.py`). From the draft step's input and output
+    u = (input token embedding, incoming hidden, outgoing hidden), two query heads score the
+    target's cached keys of the drafter's last layer type: head 0 proposes the token at the
+    attended position, head 1 the token after it (a learned n-gram lookup). One softmax spans
+    both; a gate g(u) weighs the pointer against the head."""
+
+    def __init__(self, cfg: DrafterConfig):
+        super().__init__()
+        self.layer_type = cfg.layer_types[-1]
+        self.kv_heads = cfg.type_kv_heads(self.layer_type)
+        self.head_dim = cfg.type_head_dim(self.layer_type)
+        self.q = nn.Linear(3 * cfg.target_hidden, 2 * self.kv_heads * self.head_dim, bias=False)
+        self.gate = nn.Linear(3 * cfg.target_hidden, 1)
+
+    def forward(self, emb, h_in, h_out, ctx: RoundContext, tokens: torch.Tensor):
+        """Rows [A, H] of one draft depth (query positions as in `ctx`), `tokens` the known
+        sequence (its last entry at the largest query position) -> (proposed token ids [A, 2S],
+        weights [A, 2S] summing to 1 or 0, gate [A]); S = cached slots."""
+        k, _, view = ctx.kv[self.layer_type]
+        u = torch.cat([emb, h_in, h_out], dim=-1)
+        A, n, d = u.shape[0], self.kv_heads, self.head_dim
+        q = self.q(u).view(A, 2, n, d).permute(1, 2, 0, 3)  # [2, kv heads, A, d]
+        cos, sin = ctx.rope[self.layer_type]
+        q = apply_rope(q.to(k.dtype), cos[0], sin[0])
+        s = torch.einsum("ohad,hsd->oas", q, k[0]) * (n * d) ** -0.5  # [2, A, S]
+        kpos, qpos = view.kpos[0], view.qpos[0]
+        src = torch.stack([kpos, kpos + 1])[:, None, :]  # [2, 1, S] the position each head copies
+        # written slots strictly before the query, copying a token that is known (not a draft)
+        ok = ((kpos >= 0) & (kpos[None] < qpos[:, None]))[None] & (src <= qpos[None, :, None])
+        ok = ok.permute(1, 0, 2).reshape(A, -1)
+        # a finite fill keeps rows without a valid slot free of NaN (their weights are zeroed)
+        w = torch.softmax(s.permute(1, 0, 2).reshape(A, -1).float().masked_fill(~ok, -1e30), -1) * ok
+        ids = tokens[src.clamp(0, tokens.numel() - 1).expand(2, A, -1).permute(1, 0, 2).reshape(A, -1)]
+        g = torch.sigmoid(self.gate(u)[:, 0].float()) * ok.any(-1)
+        return ids, w, g
+
+
 @dataclass
 class RoundContext:
     """What stays fixed within a draft round: RoPE at the query position, and the target's K/V of
@@ -225,6 +269,7 @@ class MTPDrafter(nn.Module):
             self.register_buffer("token_ordering", torch.arange(cfg.vocab_size, dtype=torch.long))
         else:
             self.centroids = None
+        self.copy = CopyHead(cfg) if cfg.copy_head else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -240,6 +285,8 @@ class MTPDrafter(nn.Module):
                 nn.init.normal_(p, 0.0, std, generator=generator)
         if self.centroids is not None:
             self.token_ordering = torch.arange(self.config.vocab_size, dtype=torch.long)
+        if self.copy is not None:  # the pointer starts nearly off, so a warm start keeps its head
+            nn.init.constant_(self.copy.gate.bias, -3.0)
         return self
 
     # -- one round --------------------------------------------------------------------------------

@@ -87,6 +87,32 @@ def choose_candidate(ids: torch.Tensor | None, scores: torch.Tensor, vocab_size:
     return int(ids[j]), q, float(p.max())
 
 
+COPY_TOP = 32
+"""Pointer entries a copy head's draft keeps (its heaviest): the rest carry little mass."""
+
+
+def choose_mixed(ids, scores, pointer, vocab_size: int, params, generator):
+    """`choose_candidate` for a drafter with a copy head: the head's distribution (processed as
+    usual) weighted 1 - g plus, weighted g, the pointer's heaviest entries renormalised.
+    `pointer` = (token ids [N], weights [N], g). A sampled draft's q is exactly this mixture."""
+    cids, cw, g = pointer
+    if ids is None:
+        ids = torch.arange(vocab_size)
+    p = torch.softmax(scores.float(), -1) if params.greedy else processed_probs(scores[None], params)[0]
+    top = cw.topk(min(COPY_TOP, cw.numel()))
+    total = float(top.values.sum())
+    if total <= 0.0:
+        g, total = 0.0, 1.0
+    every, inverse = torch.unique(torch.cat([ids, cids[top.indices]]), return_inverse=True)
+    mass = torch.cat([p * (1.0 - g), top.values.to(p.dtype) * (g / total)])
+    m = torch.zeros(every.numel(), dtype=p.dtype).index_add_(0, inverse, mass)
+    if params.greedy:
+        best = int(m.argmax())
+        return int(every[best]), None, float(m[best])
+    j = sample_one(m, generator)
+    return int(every[j]), torch.zeros(vocab_size, dtype=m.dtype).index_copy_(0, every, m), float(m.max())
+
+
 class MTPProposer(Proposer):
     """Drafts with an MTP drafter: the query position stays at the last token's position, the
     drafter reads the target's K/V in place, and no draft token enters any cache."""
@@ -120,15 +146,23 @@ class MTPProposer(Proposer):
         h = state.hidden[None].to(d.dtype)
         compiled = self.compiled_step(target) if fused.takes(h[:, None]) and fused.float32_kv(ctx) else None
         layers = fused.draft_round(d, ctx) if compiled is not None else None
+        known = torch.tensor(state.tokens) if d.copy is not None else None
         tokens, qs, confs = [], [], []
         for _ in range(k):
+            h_in = h
             if compiled is not None:  # the same numbers as the step and scores below, in one call
                 h_next, ids, scores = compiled.step(tok, h[0], layers)
                 h = h_next[None]
-                choice, q, conf = choose_candidate(ids, scores, d.config.vocab_size, params, generator)
             else:
                 head_in, h = d.step(target, torch.tensor([tok]), h, ctx)
-                choice, q, conf = choose_draft(d, target, head_in[0], params, generator)
+                ids, scores = d.scores(target, head_in[0])
+            if d.copy is None:
+                choice, q, conf = choose_candidate(ids, scores, d.config.vocab_size, params, generator)
+            else:
+                emb = target.embed_tokens(torch.tensor([[tok]]))[0].to(h.dtype)
+                cids, cw, g = d.copy(emb, h_in, h, ctx, known)
+                pointer = (cids[0], cw[0], float(g[0]))
+                choice, q, conf = choose_mixed(ids, scores, pointer, d.config.vocab_size, params, generator)
             if conf < self.threshold:
                 break
             tokens.append(choice)

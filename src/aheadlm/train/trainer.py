@@ -53,6 +53,9 @@ class TrainConfig:
     token_weight: float = 1.0
     cluster_weight: float = 0.3
     negatives: int = 2048
+    lr_scales: dict = field(default_factory=dict)
+    """Learning-rate multipliers by parameter-name prefix, e.g. {"copy.": 5.0} for a part that
+    starts fresh inside a warm-started drafter."""
     prompt_weight: float = 0.25
     """Weight of anchors inside the prompt (the target did not write those tokens)."""
     checkpoint_every: int = 200
@@ -136,13 +139,17 @@ def sequence_loss(
         idx = (P + j - 1).clamp(max=L - 1)
         tok_in = x[idx]
         emb = tables.embed[tok_in][None] * tcfg.embed_scale
+        h_in = h
         _, h = forward(emb, h, ctx)
         hn, y = h[0], H[idx]
         denom = valid.sum()
         feat = (((hn - y) ** 2).mean(-1) / (y**2).mean(-1).clamp_min(1e-6) * valid).sum() / denom
         ld, lt = tables.logits(hn, cand), tables.logits(y, cand)
+        logq = torch.log_softmax(ld, -1)
+        if drafter.copy is not None:
+            logq = mixed_log_probs(drafter.copy, logq, (emb[0], h_in[0], hn), ctx, x, cand)
         pt = torch.softmax(lt, -1)
-        kl = (pt * (torch.log_softmax(lt, -1) - torch.log_softmax(ld, -1))).sum(-1)
+        kl = (pt * (torch.log_softmax(lt, -1) - logq)).sum(-1)
         tok = (kl * valid).sum() / denom
         loss = cfg.feature_weight * feat + cfg.token_weight * tok
         choice = lt.argmax(-1)  # the target's likeliest candidate
@@ -152,10 +159,18 @@ def sequence_loss(
             loss = loss + cfg.cluster_weight * (clu * valid).sum() / denom
         total = total + cfg.depth_decay ** (j - 1) * loss
         with torch.no_grad():
-            acc = ((ld.argmax(-1) == choice).float() * valid).sum() / denom
+            acc = ((logq.argmax(-1) == choice).float() * valid).sum() / denom
         metrics[f"acc{j}"] = float(acc)
         metrics[f"feat{j}"] = float(feat.detach())
     return total, metrics, A
+
+
+def mixed_log_probs(copy, logq, rows, ctx: RoundContext, tokens, cand):
+    """log((1 - g) q_head + g q_copy) over the candidate set: a copy head's distribution mixed
+    into the head's (the pointer proposes only the sequence's own tokens, all candidates)."""
+    ids, w, g = copy(*rows, ctx, tokens)
+    q = torch.zeros_like(logq).scatter_add_(1, torch.searchsorted(cand, ids), w)
+    return torch.log(((1 - g)[:, None] * logq.exp() + g[:, None] * q).clamp_min(1e-30))
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -241,8 +256,21 @@ def train(
     model = drafter
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(drafter)
-    params = [p for p in drafter.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    named = [(n, p) for n, p in drafter.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+
+    def scale_of(name: str) -> float:
+        return next((v for k, v in cfg.lr_scales.items() if name.startswith(k)), 1.0)
+
+    groups: dict[float, list] = {}
+    for n, p in named:
+        groups.setdefault(scale_of(n), []).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": ps, "lr_scale": sc} for sc, ps in groups.items()],
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        betas=(0.9, 0.95),
+    )
     state = {"step": 0, "seq_cursor": 0, "evals": [], "anchors": 0, "seconds": 0.0}
     if resume and (ck := latest_checkpoint(out)) is not None:
         state = load_checkpoint(ck, drafter, opt)
@@ -260,7 +288,7 @@ def train(
     t_start = time.time() - state.get("seconds", 0.0)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
         opt.zero_grad(set_to_none=True)
         agg: dict[str, float] = {}
         anchors = 0

@@ -1,0 +1,105 @@
+"""Trial: does a copy head (`drafter.CopyHead`, a pointer over the context) let the MTP drafter copy?
+
+    python benchmarks/copy_head_trial.py --out runs/ft-P
+    python benchmarks/copy_rounds.py --drafter runs/ft-P --limit 1 --max-tokens 128 --json out.json
+
+On Spec-Bench Gemma 3 270M repeats text from its context in 95% of the drafter's rounds, and the
+drafter accepts 1.0 of 4 drafts there against lookup's 3.9 (`copy_rounds.py`, docs/training.md).
+This starts from the shipped run's step-1,200 training state, adds a fresh copy head (gate
+starting near 0.05) and fine-tunes exactly as arm C0 of `long_prompt_trial.py` did: the shipped
+run's data, 300 steps, lr 2e-4 with 30 warm-up steps, seed 1, 16 kept clusters; the copy head's
+own parameters learn 5x faster, since they start from nothing. It then chooses the confidence
+threshold on the validation rounds, as `aheadlm train-drafter` does.
+
+Pre-registered rule (written before the run; C0's numbers are deterministic and on record in
+docs/results/long_prompt_trial_*_C0.json):
+- go on to a full Spec-Bench run only if, on `copy_rounds.py --limit 1 --max-tokens 128`, the copy
+  drafter accepts at least 0.30 more drafts per round than C0 (1.15) over all rounds;
+- in that run (26 prompts, 256 tokens, greedy, k = 4, one run, methods interleaved), it replaces
+  the shipped Gemma 3 drafter only if `ngram+` it is no more than 2% below the shipped default
+  and it alone is at least 5% faster than the shipped drafter alone; Gemma 3's default becomes
+  the copy drafter alone only if that is at least 2% faster than the shipped default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import torch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="gemma3-270m")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--run", default="runs/gemma3-drafter-warm-l2", help="the run to start from")
+    ap.add_argument("--checkpoint", default="step_0001200")
+    ap.add_argument("--data", default="runs/distill-gemma3-270m", help="that run's shards")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--copy-lr-scale", type=float, default=5.0)
+    a = ap.parse_args()
+
+    from safetensors.torch import load_file
+
+    import aheadlm
+    from aheadlm.drafter import DrafterConfig, MTPDrafter, save_drafter
+    from aheadlm.engine import GenerationStats
+    from aheadlm.train.calibrate import choose_threshold, modeled_speed, record_rounds
+    from aheadlm.train.cli import N_VAL, held_out_tau, make_evaluator
+    from aheadlm.train.clusters import use_clusters
+    from aheadlm.train.data import build_prompts, load_conversations
+    from aheadlm.train.distill import load_shard
+    from aheadlm.train.trainer import Tables, TrainConfig, train
+
+    llm = aheadlm.load(a.model, drafter="none")
+    target = llm.engine.model
+    items = load_conversations(None)
+    random.Random(0).shuffle(items)  # the validation prompts `aheadlm train-drafter --seed 0` holds out
+    val = build_prompts(llm.tokenizer, items[:N_VAL], max_prompt_tokens=160, seed=0)
+    data = Path(a.data)
+    paths = sorted(data.glob("shard_*.safetensors")) + sorted((data / "corpus").glob("shard_*.safetensors"))
+    seqs = [s for p in paths for s in load_shard(p)]
+    print(len(seqs), "sequences,", sum(s.hidden.shape[0] for s in seqs), "positions", flush=True)
+    dcfg = DrafterConfig.for_target(
+        target.config,
+        hidden_size=target.config.hidden_size,
+        num_layers=2,
+        num_centroids=1024,
+        centroid_top_k=16,
+        copy_head=True,
+    )
+    drafter = MTPDrafter(dcfg).init_weights(0.02, torch.Generator().manual_seed(1))
+    tables = Tables.from_model(target, "cpu")
+    use_clusters(drafter, tables, *torch.load(Path(a.run) / "clusters.pt"))
+    state = load_file(str(Path(a.run) / "checkpoints" / a.checkpoint / "drafter.safetensors"))
+    missing, unexpected = drafter.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("copy.") for k in missing), (missing, unexpected)
+    evaluate = make_evaluator(llm, val, max_tokens=64)
+    cfg = TrainConfig(
+        steps=a.steps, lr=2e-4, warmup=30, seqs_per_step=4, max_anchors=256, checkpoint_every=100,
+        eval_every=a.steps, seed=1, lr_scales={"copy.": a.copy_lr_scale},
+    )  # fmt: skip
+    state = train(drafter.train(), tables, seqs, cfg, Path(a.out), resume=True, evaluate=evaluate, device="cpu")
+    drafter.eval()
+    stats: list[GenerationStats] = []
+    rounds = record_rounds(target, drafter, val, llm.tokenizer.stop_ids, max_tokens=64, stats=stats)
+    threshold = choose_threshold(rounds)
+    drafter.config = dataclasses.replace(drafter.config, draft_threshold=threshold)
+    record = {
+        "trial": "copy head",
+        "evals": state.get("evals"),
+        "seconds": state.get("seconds"),
+        "validation_tau_k4": round(held_out_tau(stats), 3),
+        "gate_bias": float(drafter.copy.gate.bias.detach()),
+        "draft_threshold": {"chosen": threshold, "modeled_speed": round(modeled_speed(rounds, threshold), 4)},
+    }
+    save_drafter(drafter, a.out, record, int8=True)
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
