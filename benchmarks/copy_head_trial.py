@@ -11,6 +11,10 @@ run's data, 300 steps, lr 2e-4 with 30 warm-up steps, seed 1, 16 kept clusters; 
 own parameters learn 5x faster, since they start from nothing. It then chooses the confidence
 threshold on the validation rounds, as `aheadlm train-drafter` does.
 
+First run (mixture loss only): the gate shut within the first steps and the pointer never
+learned to aim; validation tau 2.756, equal to C0's, with C0's final training accuracies. The
+trainer now gives the pointer its own loss (`trainer.copy_terms`); the rule below is unchanged.
+
 Pre-registered rule (written before the run; C0's numbers are deterministic and on record in
 docs/results/long_prompt_trial_*_C0.json):
 - go on to a full Spec-Bench run only if, on `copy_rounds.py --limit 1 --max-tokens 128`, the copy

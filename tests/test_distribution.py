@@ -2,7 +2,7 @@
 
 A tiny random target with a 12-token vocabulary, and drafters that are wrong part of the time (a
 random MTP drafter sampling from its own distribution q, the same with a clustered head whose q
-covers only its candidates, the first drafter gated by a confidence threshold so that about half
+covers only its candidates, one whose copy head mixes a pointer over the context into q, the first drafter gated by a confidence threshold so that about half
 its rounds verify no draft, and a noisy oracle with point-mass q).
 The empirical distribution of the first three sampled tokens is compared with the exact one,
 computed from the target's processed probabilities. Per-token bounds are 4 standard errors; with
@@ -89,7 +89,19 @@ def drafters(target):
         target.config, hidden_size=16, intermediate_size=16, num_layers=1, num_centroids=4, centroid_top_k=2
     )
     clustered = MTPDrafter(cfg).init_weights(0.3, torch.Generator().manual_seed(2)).eval()
-    return {"mtp": MTPProposer(mtp), "mtp-clustered": MTPProposer(clustered), "point-mass": NoisyGreedy()}
+    # A copy head mixes a pointer over the context into the clustered head's q.
+    cfg = DrafterConfig.for_target(
+        target.config, hidden_size=16, intermediate_size=16, num_layers=1, num_centroids=4, centroid_top_k=2,
+        copy_head=True,
+    )  # fmt: skip
+    copying = MTPDrafter(cfg).init_weights(0.3, torch.Generator().manual_seed(3)).eval()
+    torch.nn.init.zeros_(copying.copy.gate.bias)
+    return {
+        "mtp": MTPProposer(mtp),
+        "mtp-clustered": MTPProposer(clustered),
+        "mtp-copy": MTPProposer(copying),
+        "point-mass": NoisyGreedy(),
+    }
 
 
 def gated(target, params) -> MTPProposer:

@@ -49,6 +49,13 @@ def random_drafter(target_model, seed=0, **kw):
     return MTPDrafter(cfg).init_weights(0.2, torch.Generator().manual_seed(seed)).eval()
 
 
+def copying_drafter(target_model, seed=0):
+    """A random clustered drafter with a copy head whose gate starts half open."""
+    d = random_drafter(target_model, seed, num_centroids=16, centroid_top_k=4, copy_head=True)
+    torch.nn.init.zeros_(d.copy.gate.bias)
+    return d
+
+
 def run(engine, prompt, params=None, **kw):
     stats = GenerationStats()
     toks, reason = [], None
@@ -66,6 +73,7 @@ def proposers_for(target):
     return {
         "mtp": MTPProposer(random_drafter(target)),
         "mtp-centroid": MTPProposer(random_drafter(target, num_centroids=16, centroid_top_k=4)),
+        "mtp-copy": MTPProposer(copying_drafter(target)),
         "ngram": NgramProposer(),
         "ngram+mtp": HybridProposer(NgramProposer(), MTPProposer(random_drafter(target, seed=1)), fallback_k=2),
         "draft": DraftModelProposer(draft, n_ctx=512),
@@ -223,18 +231,18 @@ def test_ngram_match_takes_the_longest_latest_suffix():
     assert lookup.propose(state, 4, None, None).tokens == [2, 7]
 
 
-@pytest.mark.parametrize("ngram", [False, True])
-def test_batch_engine_rows_match_single_runs(target, ngram):
-    """The server's batch engine with batched MTP drafting (alone or behind n-gram lookup): every
-    request gets the tokens plain decoding gives it alone, with rows joining and finishing at
-    different times and only the busy rows computed."""
+@pytest.mark.parametrize("ngram,copy", [(False, False), (True, False), (False, True)])
+def test_batch_engine_rows_match_single_runs(target, ngram, copy):
+    """The server's batch engine with batched MTP drafting (alone or behind n-gram lookup, with or
+    without a copy head): every request gets the tokens plain decoding gives it alone, with rows
+    joining and finishing at different times and only the busy rows computed."""
     from aheadlm.server.batching import BatchEngine, Request
 
     plain = Engine(target)
     expected = [run(plain, p, max_tokens=12 + 3 * i)[0] for i, p in enumerate(PROMPTS)]
     engine = BatchEngine(
         target,
-        drafter=random_drafter(target, seed=3),
+        drafter=copying_drafter(target, seed=3) if copy else random_drafter(target, seed=3),
         ngram=ngram,
         num_draft=3,
         slots=4,

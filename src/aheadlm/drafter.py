@@ -223,25 +223,25 @@ class CopyHead(nn.Module):
         self.gate = nn.Linear(3 * cfg.target_hidden, 1)
 
     def forward(self, emb, h_in, h_out, ctx: RoundContext, tokens: torch.Tensor):
-        """Rows [A, H] of one draft depth (query positions as in `ctx`), `tokens` the known
-        sequence (its last entry at the largest query position) -> (proposed token ids [A, 2S],
-        weights [A, 2S] summing to 1 or 0, gate [A]); S = cached slots."""
+        """Rows [B, T, H] of one draft depth (query positions as in `ctx`); `tokens` [B, N] the
+        known sequence of each row (the last one at its query position) -> (proposed token ids,
+        weights summing to 1 or, with no slot to point at, 0, both [B, T, 2S]; gate [B, T])."""
         k, _, view = ctx.kv[self.layer_type]
         u = torch.cat([emb, h_in, h_out], dim=-1)
-        A, n, d = u.shape[0], self.kv_heads, self.head_dim
-        q = self.q(u).view(A, 2, n, d).permute(1, 2, 0, 3)  # [2, kv heads, A, d]
+        (B, T, _), n, d = u.shape, self.kv_heads, self.head_dim
+        q = self.q(u).view(B, T, 2 * n, d).transpose(1, 2)
         cos, sin = ctx.rope[self.layer_type]
-        q = apply_rope(q.to(k.dtype), cos[0], sin[0])
-        s = torch.einsum("ohad,hsd->oas", q, k[0]) * (n * d) ** -0.5  # [2, A, S]
-        kpos, qpos = view.kpos[0], view.qpos[0]
-        src = torch.stack([kpos, kpos + 1])[:, None, :]  # [2, 1, S] the position each head copies
-        # written slots strictly before the query, copying a token that is known (not a draft)
-        ok = ((kpos >= 0) & (kpos[None] < qpos[:, None]))[None] & (src <= qpos[None, :, None])
-        ok = ok.permute(1, 0, 2).reshape(A, -1)
+        q = apply_rope(q.to(k.dtype).contiguous(), cos, sin).view(B, 2, n, T, d)
+        s = torch.einsum("bontd,bnsd->btos", q, k) * (n * d) ** -0.5  # [B, T, 2, S]
+        kpos, qpos = view.kpos[:, None, None], view.qpos[:, :, None, None]  # [B, 1, 1, S], [B, T, 1, 1]
+        src = torch.stack([kpos, kpos + 1], dim=2)[:, :, :, 0]  # [B, 1, 2, S] the position each head copies
+        # written slots strictly before the query, proposing a known token (not a draft)
+        ok = ((kpos >= 0) & (kpos < qpos)) & (src <= qpos)
+        ok = ok.reshape(B, T, -1)
         # a finite fill keeps rows without a valid slot free of NaN (their weights are zeroed)
-        w = torch.softmax(s.permute(1, 0, 2).reshape(A, -1).float().masked_fill(~ok, -1e30), -1) * ok
-        ids = tokens[src.clamp(0, tokens.numel() - 1).expand(2, A, -1).permute(1, 0, 2).reshape(A, -1)]
-        g = torch.sigmoid(self.gate(u)[:, 0].float()) * ok.any(-1)
+        w = torch.softmax(s.reshape(B, T, -1).float().masked_fill(~ok, -1e30), -1) * ok
+        ids = tokens.gather(1, src.reshape(B, -1).clamp(0, tokens.shape[1] - 1))[:, None].expand(B, T, -1)
+        g = torch.sigmoid(self.gate(u)[..., 0].float()) * ok.any(-1)
         return ids, w, g
 
 

@@ -146,7 +146,7 @@ class MTPProposer(Proposer):
         h = state.hidden[None].to(d.dtype)
         compiled = self.compiled_step(target) if fused.takes(h[:, None]) and fused.float32_kv(ctx) else None
         layers = fused.draft_round(d, ctx) if compiled is not None else None
-        known = torch.tensor(state.tokens) if d.copy is not None else None
+        known = torch.tensor([state.tokens]) if d.copy is not None else None
         tokens, qs, confs = [], [], []
         for _ in range(k):
             h_in = h
@@ -159,9 +159,9 @@ class MTPProposer(Proposer):
             if d.copy is None:
                 choice, q, conf = choose_candidate(ids, scores, d.config.vocab_size, params, generator)
             else:
-                emb = target.embed_tokens(torch.tensor([[tok]]))[0].to(h.dtype)
-                cids, cw, g = d.copy(emb, h_in, h, ctx, known)
-                pointer = (cids[0], cw[0], float(g[0]))
+                emb = target.embed_tokens(torch.tensor([[tok]])).to(h.dtype)
+                cids, cw, g = d.copy(emb, h_in[:, None], h[:, None], ctx, known)
+                pointer = (cids[0, 0], cw[0, 0], float(g[0, 0]))
                 choice, q, conf = choose_mixed(ids, scores, pointer, d.config.vocab_size, params, generator)
             if conf < self.threshold:
                 break

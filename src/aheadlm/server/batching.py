@@ -23,7 +23,7 @@ from ..engine import Engine
 from ..kv_cache import KVCache
 from ..model import Transformer
 from ..outputs import GenerationStats
-from ..proposers import NgramProposer, SpecState, choose_draft
+from ..proposers import NgramProposer, SpecState, choose_draft, choose_mixed
 from ..sampling import SamplingParams, apply_repetition_penalty, next_token
 from ..speculative import judge
 
@@ -213,13 +213,29 @@ class BatchEngine:
         for r in active:
             pos[r.row], tok[r.row], h[r.row] = len(r.tokens) - 1, r.tokens[-1], r.hidden
         ctx = d.round_context(self.model, self.cache.first_rows(B), pos.to(self.device))
+        known = None
+        if d.copy is not None:  # each row's sequence, for the copy head to point into
+            known = torch.zeros(B, 1 + int(pos.max()), dtype=torch.long)
+            for r in active:
+                known[r.row, : len(r.tokens)] = torch.tensor(r.tokens)
+            known = known.to(self.device)
         qs: dict[int, list[torch.Tensor]] = {r.row: [] for r in active}
         for j in range(k):
+            h_in = h
             head_in, h = d.step(self.model, tok.to(self.device), h, ctx)
+            if known is not None:
+                emb = self.model.embed_tokens(tok[:, None].to(self.device)).to(h.dtype)
+                pointer = d.copy(emb, h_in[:, None], h[:, None], ctx, known)
             for r in active:
                 if j >= budget[r.row] or len(drafts[r.row]) < j:
                     continue
-                choice, q, _ = choose_draft(d, self.model, head_in[r.row], r.params, r.generator)
+                if known is None:
+                    choice, q, _ = choose_draft(d, self.model, head_in[r.row], r.params, r.generator)
+                else:
+                    ids, scores = d.scores(self.model, head_in[r.row])
+                    cids, cw, g = (t[r.row, 0] for t in pointer)
+                    vocab = d.config.vocab_size
+                    choice, q, _ = choose_mixed(ids, scores, (cids, cw, float(g)), vocab, r.params, r.generator)
                 drafts[r.row].append(choice)
                 if q is not None:
                     qs[r.row].append(q)

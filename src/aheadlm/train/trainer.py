@@ -53,6 +53,8 @@ class TrainConfig:
     token_weight: float = 1.0
     cluster_weight: float = 0.3
     negatives: int = 2048
+    copy_weight: float = 1.0
+    """Weight of a copy head's own pointer loss (see `copy_terms`)."""
     lr_scales: dict = field(default_factory=dict)
     """Learning-rate multipliers by parameter-name prefix, e.g. {"copy.": 5.0} for a part that
     starts fresh inside a warm-started drafter."""
@@ -145,14 +147,20 @@ def sequence_loss(
         denom = valid.sum()
         feat = (((hn - y) ** 2).mean(-1) / (y**2).mean(-1).clamp_min(1e-6) * valid).sum() / denom
         ld, lt = tables.logits(hn, cand), tables.logits(y, cand)
+        choice = lt.argmax(-1)  # the target's likeliest candidate
         logq = torch.log_softmax(ld, -1)
+        point = None
         if drafter.copy is not None:
-            logq = mixed_log_probs(drafter.copy, logq, (emb[0], h_in[0], hn), ctx, x, cand)
+            logq, *point = copy_terms(drafter.copy, logq, (emb, h_in, h), ctx, x, cand, choice, P)
         pt = torch.softmax(lt, -1)
         kl = (pt * (torch.log_softmax(lt, -1) - logq)).sum(-1)
         tok = (kl * valid).sum() / denom
         loss = cfg.feature_weight * feat + cfg.token_weight * tok
-        choice = lt.argmax(-1)  # the target's likeliest candidate
+        if point is not None:
+            nll, pointable, hit = point
+            on = valid * pointable
+            loss = loss + cfg.copy_weight * (nll * on).sum() / denom
+            metrics[f"point{j}"] = float((hit * on).sum() / on.sum().clamp_min(1e-6))
         if drafter.centroids is not None:
             # its cluster is what a greedy round must keep
             clu = F.cross_entropy(drafter.centroids(hn.detach()), tables.cluster_of[cand[choice]], reduction="none")
@@ -165,12 +173,19 @@ def sequence_loss(
     return total, metrics, A
 
 
-def mixed_log_probs(copy, logq, rows, ctx: RoundContext, tokens, cand):
-    """log((1 - g) q_head + g q_copy) over the candidate set: a copy head's distribution mixed
-    into the head's (the pointer proposes only the sequence's own tokens, all candidates)."""
-    ids, w, g = copy(*rows, ctx, tokens)
-    q = torch.zeros_like(logq).scatter_add_(1, torch.searchsorted(cand, ids), w)
-    return torch.log(((1 - g)[:, None] * logq.exp() + g[:, None] * q).clamp_min(1e-30))
+def copy_terms(copy, logq, rows, ctx: RoundContext, tokens, cand, choice, P):
+    """A copy head's part of one depth -> (log of the mixed distribution (1 - g) q_head + g q_copy
+    over the candidates, the pointer's own negative log-likelihood of the target's choice, whether
+    a slot proposes that token, whether the pointer's heaviest token is it), per anchor. The
+    pointer proposes only the sequence's own tokens, all of them candidates. Its own loss lets it
+    learn to aim while the gate is still shut (through the mixture alone, the gate shuts first)."""
+    ids, w, g = (t[0] for t in copy(*rows, ctx, tokens[None]))
+    q = torch.zeros_like(logq).scatter_add_(1, torch.searchsorted(cand, ids.contiguous()), w)
+    mixed = torch.log(((1 - g)[:, None] * logq.exp() + g[:, None] * q).clamp_min(1e-30))
+    known = torch.arange(tokens.numel(), device=P.device)[None] <= P[:, None]  # the tokens up to the query
+    pointable = ((tokens[None] == cand[choice][:, None]) & known).any(-1).float()
+    nll = -torch.log(q.gather(1, choice[:, None])[:, 0].clamp_min(1e-9))
+    return mixed, nll, pointable, (q.argmax(-1) == choice).float()
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -313,6 +328,8 @@ def train(
         state["seconds"] = time.time() - t_start
         rate = state["anchors"] / max(state["seconds"], 1e-6)
         accs = "/".join(f"{agg.get(f'acc{j}', 0):.2f}" for j in range(1, cfg.depth + 1))
+        if "point1" in agg:  # a copy head: how often its pointer aims at the target's choice
+            accs += " point " + "/".join(f"{agg.get(f'point{j}', 0):.2f}" for j in range(1, cfg.depth + 1))
         bar.set_postfix_str(f"loss {agg['loss']:.3f} acc {accs} {rate:.0f} anchors/s")
         if rank == 0 and evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             drafter.eval()
