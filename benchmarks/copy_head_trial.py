@@ -15,6 +15,14 @@ First run (mixture loss only): the gate shut within the first steps and the poin
 learned to aim; validation tau 2.756, equal to C0's, with C0's final training accuracies. The
 trainer now gives the pointer its own loss (`trainer.copy_terms`); the rule below is unchanged.
 
+Second trial, `--copy-layer 5` (pre-registered with it, before its run): the copy head reads the
+keys of layer 5, whose keys name the previous token best (`kv_content_probe.py`: 0.38 against
+0.10 for layer 17), which is what a one-step copy needs. Its data are the first 5 + 5 shards of
+the shipped run with layer 5's K/V added from `kv_source_trial.py data --layer 5`
+(`--merge-from runs/trial-kv5`, 290k positions, half of the first trial's); everything else as
+above. It goes on to a full Spec-Bench run only if it accepts at least 0.30 more drafts per round
+than the first trial's copy drafter (1.49) on the same `copy_rounds.py` measurement.
+
 Pre-registered rule (written before the run; C0's numbers are deterministic and on record in
 docs/results/long_prompt_trial_*_C0.json):
 - go on to a full Spec-Bench run only if, on `copy_rounds.py --limit 1 --max-tokens 128`, the copy
@@ -36,6 +44,22 @@ from pathlib import Path
 import torch
 
 
+def merge(source: Path, extra: Path, out: Path) -> None:
+    """Shards of `source` with `extra`'s full-attention K/V (same sequences) as the copy layer's."""
+    from aheadlm.drafter import COPY
+    from aheadlm.train.distill import Sequence, load_shard, save_shard
+
+    for sub in ("", "corpus"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        for path in sorted((extra / sub).glob("shard_*.safetensors")):
+            base, more = load_shard(source / sub / path.name), load_shard(path)
+            assert [s.tokens.tolist() for s in base] == [s.tokens.tolist() for s in more], path
+            pairs = zip(base, more, strict=True)
+            seqs = [Sequence(b.tokens, b.n_prompt, b.hidden, b.kv | {COPY: m.kv["full"]}) for b, m in pairs]
+            save_shard(seqs, out / sub / path.name)
+            print(out / sub / path.name, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gemma3-270m")
@@ -45,7 +69,12 @@ def main():
     ap.add_argument("--data", default="runs/distill-gemma3-270m", help="that run's shards")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--copy-lr-scale", type=float, default=5.0)
+    ap.add_argument("--copy-layer", type=int, default=-1, help="target layer the copy head reads")
+    ap.add_argument("--merge-from", help="write --data: the run's shards, this folder's full K/V as the copy layer's")
     a = ap.parse_args()
+    if a.merge_from:
+        merge(Path(a.run).parent / "distill-gemma3-270m", Path(a.merge_from), Path(a.data))
+        return
 
     from safetensors.torch import load_file
 
@@ -75,6 +104,7 @@ def main():
         num_centroids=1024,
         centroid_top_k=16,
         copy_head=True,
+        copy_layer=a.copy_layer,
     )
     drafter = MTPDrafter(dcfg).init_weights(0.02, torch.Generator().manual_seed(1))
     tables = Tables.from_model(target, "cpu")

@@ -43,7 +43,8 @@ def pointer_inputs(target, positions: torch.Tensor, length: int, seed=0):
     n, d = cfg.type_kv_heads(t), cfg.type_head_dim(t)
     k = torch.randn(1, n, length, d, generator=g)
     view = AttnView(None, length, positions[None], torch.arange(length)[None], None, True)
-    ctx = RoundContext({t: rope_tables(getattr(target, f"inv_freq_{t}"), positions[None], torch.float32)}, {t: (k, k, view)})
+    rope = rope_tables(getattr(target, f"inv_freq_{t}"), positions[None], torch.float32)
+    ctx = RoundContext({t: rope}, {t: (k, k, view)})
     rows = [torch.randn(1, len(positions), cfg.target_hidden, generator=g) for _ in range(3)]
     tokens = torch.randint(0, 100, (1, length + 1), generator=g)
     return head, ctx, rows, tokens
@@ -79,7 +80,7 @@ def test_rows_together_equal_rows_alone(target):
     with torch.no_grad():
         together = head(*rows, ctx, tokens)
         t = head.layer_type
-        for r, p in enumerate(positions.tolist()):
+        for r in range(len(positions)):
             k, v, view = ctx.kv[t]
             one = AttnView(None, view.end, positions[None, r : r + 1], view.kpos, None, True)
             cos, sin = ctx.rope[t]

@@ -77,6 +77,9 @@ class DrafterConfig:
     copy_head: bool = False
     """Add a pointer over the context (`CopyHead`, not part of Gemma 4) mixed into the head's
     distribution by a learned gate."""
+    copy_layer: int = -1
+    """Target layer whose cached keys the copy head reads; -1: the layer the drafter's last
+    layer reads."""
 
     def __post_init__(self):
         if not self.layer_types:
@@ -121,6 +124,10 @@ class DrafterConfig:
         base.update(kw)
         return cls(**base)
 
+    def copy_type(self) -> str:
+        """Layer type of the keys the copy head reads."""
+        return self.target_layer_types[self.copy_layer] if self.copy_layer >= 0 else self.layer_types[-1]
+
     def type_head_dim(self, layer_type: str) -> int:
         return per_type(layer_type, self.head_dim, self.head_dim_full)
 
@@ -149,6 +156,8 @@ class DrafterConfig:
             for t in set(self.layer_types)
         ):
             problems.append("KV heads/head_dim differ from the target's")
+        if self.copy_head and self.copy_layer >= len(target.layer_types):
+            problems.append(f"its copy head reads layer {self.copy_layer}, the target has {len(target.layer_types)}")
         if problems:
             raise DrafterMismatchError("drafter does not belong to this target: " + "; ".join(problems))
 
@@ -204,6 +213,10 @@ class DraftLayer(nn.Module):
         return x * self.layer_scalar
 
 
+COPY = "copy"
+"""Round-context entry of the K/V a copy head reads when it has a layer of its own."""
+
+
 class CopyHead(nn.Module):
     """A pointer over the context, mixed into the head's distribution (not part of Gemma 4).
 
@@ -216,9 +229,10 @@ class CopyHead(nn.Module):
 
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
-        self.layer_type = cfg.layer_types[-1]
-        self.kv_heads = cfg.type_kv_heads(self.layer_type)
-        self.head_dim = cfg.type_head_dim(self.layer_type)
+        self.layer_type = COPY if cfg.copy_layer >= 0 else cfg.layer_types[-1]
+        """Its entry in the round context."""
+        self.kv_heads = cfg.type_kv_heads(cfg.copy_type())
+        self.head_dim = cfg.type_head_dim(cfg.copy_type())
         self.q = nn.Linear(3 * cfg.target_hidden, 2 * self.kv_heads * self.head_dim, bias=False)
         self.gate = nn.Linear(3 * cfg.target_hidden, 1)
 
@@ -302,6 +316,12 @@ class MTPDrafter(nn.Module):
             view = cache.read_view(t, pos, strict=True, window=self.config.window(tcfg, t))
             k, v = cache.read(tcfg.last_layer_of(t), view.end)
             kv[t] = (k, v, view)
+        c = self.config
+        if self.copy is not None and c.copy_layer >= 0:
+            t = c.copy_type()
+            view = cache.read_view(t, pos, strict=True, window=c.window(tcfg, t))
+            kv[COPY] = (*cache.read(c.copy_layer, view.end), view)
+            rope[COPY] = rope_tables(getattr(target, f"inv_freq_{t}"), pos, target.embed_dtype())
         return RoundContext(rope, kv)
 
     def forward(self, emb: torch.Tensor, hidden: torch.Tensor, ctx: RoundContext):

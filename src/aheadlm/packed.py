@@ -54,8 +54,9 @@ class QTensor:
                     name = key[: -len(f".q{block}")]
                     out[name] = cls(t, flat[f"{name}.scale"], flat.get(f"{name}.offset"), block)
         for key, t in flat.items():
-            base = key.rsplit(".", 1)[0]
-            if base not in out or not isinstance(out[base], QTensor):
+            base, _, leaf = key.rpartition(".")
+            part = leaf in ("scale", "offset") or leaf.startswith("q")  # a block tensor's own entry
+            if not (part and isinstance(out.get(base), QTensor)):  # a bias beside it stays
                 out.setdefault(key, t)
         return out
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import SLIDING, ModelConfig
-from ..drafter import MTPDrafter, RoundContext
-from ..errors import WeightsError
+from ..drafter import COPY, MTPDrafter, RoundContext
+from ..errors import InvalidRequestError, WeightsError
 from ..kv_cache import AttnView
 from ..model import rope_tables
 from ..progress import progress, status
@@ -118,13 +118,19 @@ def sequence_loss(
 
     kpos = torch.arange(L, device=device)[None]
     ctx = RoundContext({}, {})
-    for t, (k, v) in seq.kv.items():
+    dcfg = drafter.config
+    if drafter.copy is not None and drafter.copy.layer_type not in seq.kv:
+        raise InvalidRequestError(
+            f"the training data lacks the K/V of target layer {dcfg.copy_layer}, which the copy head reads: "
+            "write the data with the same --copy-layer"
+        )
+    for key, (k, v) in seq.kv.items():
+        t = dcfg.copy_type() if key == COPY else key
         shape = (1, L, tcfg.type_kv_heads(t), tcfg.type_head_dim(t))
         k = k.to(device).float().view(shape).transpose(1, 2)
         v = v.to(device).float().view(shape).transpose(1, 2)
-        window = drafter.config.window(tcfg, t)
-        ctx.kv[t] = (k, v, AttnView(None, L, P[None], kpos, window, strict=True))
-        ctx.rope[t] = rope_tables(tables.inv_freq[t], P[None], torch.float32)
+        ctx.kv[key] = (k, v, AttnView(None, L, P[None], kpos, dcfg.window(tcfg, t), strict=True))
+        ctx.rope[key] = rope_tables(tables.inv_freq[t], P[None], torch.float32)
 
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     negatives = torch.randint(0, tcfg.vocab_size, (cfg.negatives,), generator=gen).to(device)
