@@ -9,6 +9,7 @@ import torch
 
 from aheadlm.drafter import CopyHead, DrafterConfig, MTPDrafter, RoundContext, load_drafter, save_drafter
 from aheadlm.engine import Engine
+from aheadlm.errors import InvalidRequestError
 from aheadlm.kv_cache import AttnView
 from aheadlm.model import rope_tables
 from aheadlm.proposers import MTPProposer, choose_mixed
@@ -151,5 +152,27 @@ def test_training_and_folder_with_a_copy_head(tmp_path):
     assert loaded.copy is not None
     plain, spec = Engine(target), Engine(target, proposer=MTPProposer(loaded), spec=SpecConfig(3))
     for p in prompts[:3]:
+        ref = [t for st in plain.generate(p, max_tokens=16) for t in st.token_ids]
+        assert [t for st in spec.generate(p, max_tokens=16) for t in st.token_ids] == ref
+
+
+def test_copy_head_reading_an_earlier_layer(tmp_path):
+    """A copy head may read another target layer's keys: the shards keep that layer's K/V, the
+    trainer refuses data without them, and decoding with it stays lossless."""
+    target = ours_from_hf(tiny_hf("gemma3", seed=7))
+    prompts = [[3, 9, 4, 3, 9, 4, 3, 9], [5, 6, 7, 8, 5, 6, 7]]
+    plain_data = load_shard(write_shards(target, prompts, tmp_path / "a", max_new_tokens=8, per_shard=2)[0])
+    data = load_shard(write_shards(target, prompts, tmp_path / "b", max_new_tokens=8, per_shard=2, copy_layer=0)[0])
+    assert "copy" in data[0].kv and "copy" not in plain_data[0].kv
+    cfg = DrafterConfig.for_target(target.config, hidden_size=32, intermediate_size=64, copy_head=True, copy_layer=0)
+    drafter = MTPDrafter(cfg).init_weights(0.2, torch.Generator().manual_seed(0))
+    tables, tc = Tables.from_model(target), TrainConfig(max_anchors=16, negatives=16)
+    loss, metrics, _ = sequence_loss(drafter, drafter, tables, data[0], tc, random.Random(0), "cpu")
+    assert torch.isfinite(loss) and "point1" in metrics
+    with pytest.raises(InvalidRequestError, match="copy-layer"):
+        sequence_loss(drafter, drafter, tables, plain_data[0], tc, random.Random(0), "cpu")
+    torch.nn.init.zeros_(drafter.copy.gate.bias)
+    plain, spec = Engine(target), Engine(target, proposer=MTPProposer(drafter.eval()), spec=SpecConfig(3))
+    for p in prompts:
         ref = [t for st in plain.generate(p, max_tokens=16) for t in st.token_ids]
         assert [t for st in spec.generate(p, max_tokens=16) for t in st.token_ids] == ref

@@ -3,8 +3,8 @@
 A tiny random target with a 12-token vocabulary, and drafters that are wrong part of the time (a
 random MTP drafter sampling from its own distribution q, the same with a clustered head whose q
 covers only its candidates, one whose copy head mixes a pointer over the context into q, the
-first drafter gated by a confidence threshold so that about half
-its rounds verify no draft, and a noisy oracle with point-mass q).
+first drafter gated by a confidence threshold so that about half its rounds verify no draft, and
+a noisy oracle with point-mass q).
 The empirical distribution of the first three sampled tokens is compared with the exact one,
 computed from the target's processed probabilities. Per-token bounds are 4 standard errors; with
 N = 40,000 (slow suite) that is at most 0.01 absolute, so a 1% bias fails.

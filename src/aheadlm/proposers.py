@@ -96,19 +96,26 @@ def choose_mixed(ids, scores, pointer, vocab_size: int, params, generator):
     usual) weighted 1 - g plus, weighted g, the pointer's heaviest entries renormalised.
     `pointer` = (token ids [N], weights [N], g). A sampled draft's q is exactly this mixture."""
     cids, cw, g = pointer
-    if ids is None:
-        ids = torch.arange(vocab_size)
+    if cw.numel() == 0 or g <= 0.0:  # nothing to point at: the head's choice alone
+        return choose_candidate(ids, scores, vocab_size, params, generator)
     p = torch.softmax(scores.float(), -1) if params.greedy else processed_probs(scores[None], params)[0]
     top = cw.topk(min(COPY_TOP, cw.numel()))
     total = float(top.values.sum())
     if total <= 0.0:
         g, total = 0.0, 1.0
-    every, inverse = torch.unique(torch.cat([ids, cids[top.indices]]), return_inverse=True)
-    mass = torch.cat([p * (1.0 - g), top.values.to(p.dtype) * (g / total)])
-    m = torch.zeros(every.numel(), dtype=p.dtype).index_add_(0, inverse, mass)
-    if params.greedy:
-        best = int(m.argmax())
-        return int(every[best]), None, float(m[best])
+    pointed, weight = cids[top.indices], top.values.to(p.dtype) * (g / total)
+    if params.greedy:  # the best is the head's best or a pointed token; no sort needed
+        in_head = (pointed[:, None] == ids[None]).to(p.dtype) @ p if ids is not None else p[pointed]
+        mixed = (pointed[:, None] == pointed[None]).to(p.dtype) @ weight + (1.0 - g) * in_head
+        h = int(p.argmax())
+        h_tok = h if ids is None else int(ids[h])
+        h_mass = (1.0 - g) * float(p[h]) + float(weight[pointed == h_tok].sum())
+        j = int(mixed.argmax())
+        return (int(pointed[j]), None, float(mixed[j])) if float(mixed[j]) > h_mass else (h_tok, None, h_mass)
+    if ids is None:
+        ids = torch.arange(vocab_size)
+    every, inverse = torch.unique(torch.cat([ids, pointed]), return_inverse=True)
+    m = torch.zeros(every.numel(), dtype=p.dtype).index_add_(0, inverse, torch.cat([p * (1.0 - g), weight]))
     j = sample_one(m, generator)
     return int(every[j]), torch.zeros(vocab_size, dtype=m.dtype).index_copy_(0, every, m), float(m.max())
 
