@@ -23,6 +23,15 @@ the shipped run with layer 5's K/V added from `kv_source_trial.py data --layer 5
 above. It goes on to a full Spec-Bench run only if it accepts at least 0.30 more drafts per round
 than the first trial's copy drafter (1.49) on the same `copy_rounds.py` measurement.
 
+Results: P17 (layer 17) 1.49, through to Spec-Bench, where it alone measured 0.97x the shipped
+drafter (its pointer's Python steps cost more than it saved), so it does not ship; P5 (layer 5)
+1.58, short of its bar (docs/training.md).
+
+Third, exploratory (written before its run): does the layer-5 pointer keep improving with all the
+data and more steps? `--copy-layer 5 --steps 900 --out runs/ft-P5-long`, resumed from P5's
+step-300 state, on all 10 + 10 shards with layer 5's K/V. Only if it reaches 2.0 drafts per round
+on the same `copy_rounds.py` measurement does it get a Spec-Bench run under the rule below.
+
 Pre-registered rule (written before the run; C0's numbers are deterministic and on record in
 docs/results/long_prompt_trial_*_C0.json):
 - go on to a full Spec-Bench run only if, on `copy_rounds.py --limit 1 --max-tokens 128`, the copy
