@@ -7,9 +7,17 @@ import random
 import pytest
 import torch
 
-from aheadlm.drafter import CopyHead, DrafterConfig, MTPDrafter, RoundContext, load_drafter, save_drafter
+from aheadlm.drafter import (
+    CopyHead,
+    DrafterConfig,
+    MTPDrafter,
+    RoundContext,
+    copy_key,
+    load_drafter,
+    save_drafter,
+)
 from aheadlm.engine import Engine
-from aheadlm.errors import InvalidRequestError
+from aheadlm.errors import DrafterMismatchError, InvalidRequestError
 from aheadlm.kv_cache import AttnView
 from aheadlm.model import rope_tables
 from aheadlm.proposers import MTPProposer, choose_mixed
@@ -40,7 +48,7 @@ def pointer_inputs(target, positions: torch.Tensor, length: int, seed=0):
     head = CopyHead(cfg)
     for p in head.parameters():
         torch.nn.init.normal_(p, 0.0, 0.3, generator=g)
-    t = head.layer_type
+    t = head.sources[0]
     n, d = cfg.type_kv_heads(t), cfg.type_head_dim(t)
     k = torch.randn(1, n, length, d, generator=g)
     view = AttnView(None, length, positions[None], torch.arange(length)[None], None, True)
@@ -80,7 +88,7 @@ def test_rows_together_equal_rows_alone(target):
     head, ctx, rows, tokens = pointer_inputs(target, positions, 12)
     with torch.no_grad():
         together = head(*rows, ctx, tokens)
-        t = head.layer_type
+        t = head.sources[0]
         for r in range(len(positions)):
             k, v, view = ctx.kv[t]
             one = AttnView(None, view.end, positions[None, r : r + 1], view.kpos, None, True)
@@ -156,23 +164,41 @@ def test_training_and_folder_with_a_copy_head(tmp_path):
         assert [t for st in spec.generate(p, max_tokens=16) for t in st.token_ids] == ref
 
 
-def test_copy_head_reading_an_earlier_layer(tmp_path):
-    """A copy head may read another target layer's keys: the shards keep that layer's K/V, the
-    trainer refuses data without them, and decoding with it stays lossless."""
+def test_copy_head_reading_other_layers(tmp_path):
+    """A copy head may read other target layers' keys (scores summed): the shards keep those
+    layers' K/V, the trainer refuses data without them, and decoding with it stays lossless."""
     target = ours_from_hf(tiny_hf("gemma3", seed=7))
+    types = target.config.layer_types
+    layers = tuple(i for i, t in enumerate(types) if t == types[0])  # every layer of one type
+    assert len(layers) >= 2 and copy_key(layers[0], types) == f"copy{layers[0]}"
+    assert copy_key(layers[-1], types) == types[0]  # the last of its type: stored anyway
     prompts = [[3, 9, 4, 3, 9, 4, 3, 9], [5, 6, 7, 8, 5, 6, 7]]
     plain_data = load_shard(write_shards(target, prompts, tmp_path / "a", max_new_tokens=8, per_shard=2)[0])
-    data = load_shard(write_shards(target, prompts, tmp_path / "b", max_new_tokens=8, per_shard=2, copy_layer=0)[0])
-    assert "copy" in data[0].kv and "copy" not in plain_data[0].kv
-    cfg = DrafterConfig.for_target(target.config, hidden_size=32, intermediate_size=64, copy_head=True, copy_layer=0)
+    shards = write_shards(target, prompts, tmp_path / "b", max_new_tokens=8, per_shard=2, copy_layers=layers)
+    data = load_shard(shards[0])
+    assert f"copy{layers[0]}" in data[0].kv and f"copy{layers[0]}" not in plain_data[0].kv
+    cfg = DrafterConfig.for_target(
+        target.config, hidden_size=32, intermediate_size=64, copy_head=True, copy_layers=layers
+    )
     drafter = MTPDrafter(cfg).init_weights(0.2, torch.Generator().manual_seed(0))
+    assert drafter.copy.sources == tuple(copy_key(i, types) for i in layers)
     tables, tc = Tables.from_model(target), TrainConfig(max_anchors=16, negatives=16)
     loss, metrics, _ = sequence_loss(drafter, drafter, tables, data[0], tc, random.Random(0), "cpu")
     assert torch.isfinite(loss) and "point1" in metrics
-    with pytest.raises(InvalidRequestError, match="copy-layer"):
+    with pytest.raises(InvalidRequestError, match="copy-layers"):
         sequence_loss(drafter, drafter, tables, plain_data[0], tc, random.Random(0), "cpu")
     torch.nn.init.zeros_(drafter.copy.gate.bias)
-    plain, spec = Engine(target), Engine(target, proposer=MTPProposer(drafter.eval()), spec=SpecConfig(3))
+    save_drafter(drafter.eval(), tmp_path / "drafter")
+    loaded = load_drafter(tmp_path / "drafter", target.config)
+    assert loaded.config.copy_layers == layers
+    plain, spec = Engine(target), Engine(target, proposer=MTPProposer(loaded), spec=SpecConfig(3))
     for p in prompts:
         ref = [t for st in plain.generate(p, max_tokens=16) for t in st.token_ids]
         assert [t for st in spec.generate(p, max_tokens=16) for t in st.token_ids] == ref
+    # layers the target does not have, or of two attention types, are refused
+    for bad in ((len(types),), (layers[0], next(i for i, t in enumerate(types) if t != types[0]))):
+        bad_cfg = DrafterConfig.for_target(
+            target.config, hidden_size=32, intermediate_size=64, copy_head=True, copy_layers=bad
+        )
+        with pytest.raises(DrafterMismatchError, match="copy head"):
+            bad_cfg.check_target(target.config)

@@ -221,6 +221,10 @@ def test_clear_errors(saved, assistants, tmp_path):
     d = MTPDrafter(DrafterConfig.for_target(gemma3.config, hidden_size=32, intermediate_size=48))
     with pytest.raises(UnsupportedModelError):
         export_assistant(d, gemma3.config, gemma3.head_rows(torch.arange(160)), tmp_path / "x")
+    # a drafter with a copy head, which Gemma 4 assistants do not have
+    d = MTPDrafter(DrafterConfig.for_target(ours.config, hidden_size=32, intermediate_size=48, copy_head=True))
+    with pytest.raises(UnsupportedModelError, match="copy head"):
+        export_assistant(d, ours.config, ours.head_rows(torch.arange(256)), tmp_path / "y")
 
 
 def test_models_command_describes_folders(saved):

@@ -77,15 +77,16 @@ class DrafterConfig:
     copy_head: bool = False
     """Add a pointer over the context (`CopyHead`, not part of Gemma 4) mixed into the head's
     distribution by a learned gate."""
-    copy_layer: int = -1
-    """Target layer whose cached keys the copy head reads; -1: the layer the drafter's last
-    layer reads."""
+    copy_layers: tuple[int, ...] = ()
+    """Target layers whose cached keys the copy head reads, their scores summed (layers of one
+    attention type); empty: the layer the drafter's last layer reads."""
 
     def __post_init__(self):
         if not self.layer_types:
             object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "target_layer_types", tuple(self.target_layer_types))
+        object.__setattr__(self, "copy_layers", tuple(self.copy_layers))
         if self.query_scale == 0.0:
             object.__setattr__(self, "query_scale", self.head_dim**-0.5)
         if not isinstance(self.draft_threshold, int | float) or not 0.0 <= self.draft_threshold <= 1.0:
@@ -124,9 +125,16 @@ class DrafterConfig:
         base.update(kw)
         return cls(**base)
 
-    def copy_type(self) -> str:
-        """Layer type of the keys the copy head reads."""
-        return self.target_layer_types[self.copy_layer] if self.copy_layer >= 0 else self.layer_types[-1]
+    def copy_sources(self) -> dict[str, int | None]:
+        """Round-context entry -> target layer of each K/V the copy head reads (None: an entry the
+        drafter's layers read anyway)."""
+        if not self.copy_layers:
+            return {self.layer_types[-1]: None}
+        return {copy_key(layer, self.target_layer_types): layer for layer in self.copy_layers}
+
+    def key_type(self, key: str) -> str:
+        """Layer type of a round-context entry."""
+        return self.target_layer_types[int(key[len(COPY) :])] if key.startswith(COPY) else key
 
     def type_head_dim(self, layer_type: str) -> int:
         return per_type(layer_type, self.head_dim, self.head_dim_full)
@@ -156,8 +164,11 @@ class DrafterConfig:
             for t in set(self.layer_types)
         ):
             problems.append("KV heads/head_dim differ from the target's")
-        if self.copy_head and self.copy_layer >= len(target.layer_types):
-            problems.append(f"its copy head reads layer {self.copy_layer}, the target has {len(target.layer_types)}")
+        n = len(target.layer_types)
+        if self.copy_head and any(not 0 <= i < n for i in self.copy_layers):
+            problems.append(f"its copy head reads layers {list(self.copy_layers)}, the target has {n}")
+        elif self.copy_head and len({target.layer_types[i] for i in self.copy_layers}) > 1:
+            problems.append("its copy head reads layers of different attention types")
         if problems:
             raise DrafterMismatchError("drafter does not belong to this target: " + "; ".join(problems))
 
@@ -214,7 +225,15 @@ class DraftLayer(nn.Module):
 
 
 COPY = "copy"
-"""Round-context entry of the K/V a copy head reads when it has a layer of its own."""
+"""Prefix of the round-context entry (and shard key) of a K/V only a copy head reads."""
+
+
+def copy_key(layer: int, target_layer_types: tuple[str, ...]) -> str:
+    """Round-context entry and shard key of target layer `layer`'s K/V for a copy head: its type
+    when it is the last layer of that type (which every shard stores), else `copy<layer>`."""
+    t = target_layer_types[layer]
+    last = max(i for i, x in enumerate(target_layer_types) if x == t)
+    return t if layer == last else f"{COPY}{layer}"
 
 
 class CopyHead(nn.Module):
@@ -223,30 +242,34 @@ class CopyHead(nn.Module):
     Why: the targets mostly repeat text from their context, and a drafter reading K/V barely
     learns to copy (`benchmarks/copy_rounds.py`). From the draft step's input and output
     u = (input token embedding, incoming hidden, outgoing hidden), two query heads score the
-    target's cached keys of the drafter's last layer type: head 0 proposes the token at the
-    attended position, head 1 the token after it (a learned n-gram lookup). One softmax spans
-    both; a gate g(u) weighs the pointer against the head."""
+    target's cached keys of one or more layers (`copy_layers`, scores summed; by default the one
+    the drafter's last layer reads): head 0 proposes the token at the attended position, head 1 the token after it (a
+    learned n-gram lookup). One softmax spans both; a gate g(u) weighs the pointer against the
+    head."""
 
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
-        self.layer_type = COPY if cfg.copy_layer >= 0 else cfg.layer_types[-1]
-        """Its entry in the round context."""
-        self.kv_heads = cfg.type_kv_heads(cfg.copy_type())
-        self.head_dim = cfg.type_head_dim(cfg.copy_type())
-        self.q = nn.Linear(3 * cfg.target_hidden, 2 * self.kv_heads * self.head_dim, bias=False)
+        self.sources = tuple(cfg.copy_sources())
+        """The round-context entries whose keys it scores."""
+        t = cfg.key_type(self.sources[0])
+        self.kv_heads, self.head_dim = cfg.type_kv_heads(t), cfg.type_head_dim(t)
+        self.q = nn.Linear(3 * cfg.target_hidden, len(self.sources) * 2 * self.kv_heads * self.head_dim, bias=False)
         self.gate = nn.Linear(3 * cfg.target_hidden, 1)
 
     def forward(self, emb, h_in, h_out, ctx: RoundContext, tokens: torch.Tensor):
         """Rows [B, T, H] of one draft depth (query positions as in `ctx`); `tokens` [B, N] the
         known sequence of each row (the last one at its query position) -> (proposed token ids,
         weights summing to 1 or, with no slot to point at, 0, both [B, T, 2S]; gate [B, T])."""
-        k, _, view = ctx.kv[self.layer_type]
         u = torch.cat([emb, h_in, h_out], dim=-1)
         (B, T, _), n, d = u.shape, self.kv_heads, self.head_dim
-        q = self.q(u).view(B, T, 2 * n, d).transpose(1, 2)
-        cos, sin = ctx.rope[self.layer_type]
-        q = apply_rope(q.to(k.dtype).contiguous(), cos, sin).view(B, 2, n, T, d)
-        s = torch.einsum("bontd,bnsd->btos", q, k) * (n * d) ** -0.5  # [B, T, 2, S]
+        qs = self.q(u).view(B, T, len(self.sources), 2 * n, d)
+        s = 0.0
+        for i, key in enumerate(self.sources):  # one attention type: the same slots in each
+            k, _, view = ctx.kv[key]
+            cos, sin = ctx.rope[key]
+            q = apply_rope(qs[:, :, i].transpose(1, 2).to(k.dtype).contiguous(), cos, sin).view(B, 2, n, T, d)
+            s = s + torch.einsum("bontd,bnsd->btos", q, k)  # [B, T, 2, S]
+        s = s * (len(self.sources) * n * d) ** -0.5
         kpos, qpos = view.kpos[:, None, None], view.qpos[:, :, None, None]  # [B, 1, 1, S], [B, T, 1, 1]
         src = torch.stack([kpos, kpos + 1], dim=2)[:, :, :, 0]  # [B, 1, 2, S] the position each head copies
         # written slots strictly before the query, proposing a known token (not a draft)
@@ -317,11 +340,12 @@ class MTPDrafter(nn.Module):
             k, v = cache.read(tcfg.last_layer_of(t), view.end)
             kv[t] = (k, v, view)
         c = self.config
-        if self.copy is not None and c.copy_layer >= 0:
-            t = c.copy_type()
-            view = cache.read_view(t, pos, strict=True, window=c.window(tcfg, t))
-            kv[COPY] = (*cache.read(c.copy_layer, view.end), view)
-            rope[COPY] = rope_tables(getattr(target, f"inv_freq_{t}"), pos, target.embed_dtype())
+        for key, layer in (c.copy_sources() if self.copy is not None else {}).items():
+            if key not in kv:  # a layer only the copy head reads
+                t = c.key_type(key)
+                view = cache.read_view(t, pos, strict=True, window=c.window(tcfg, t))
+                kv[key] = (*cache.read(tcfg.last_layer_of(t) if layer is None else layer, view.end), view)
+                rope[key] = rope_tables(getattr(target, f"inv_freq_{t}"), pos, target.embed_dtype())
         return RoundContext(rope, kv)
 
     def forward(self, emb: torch.Tensor, hidden: torch.Tensor, ctx: RoundContext):

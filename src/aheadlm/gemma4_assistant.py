@@ -125,6 +125,8 @@ def export_assistant(drafter: MTPDrafter, target: ModelConfig, target_head: torc
     c = drafter.config
     if target.arch != "gemma4":
         raise UnsupportedModelError("export-drafter writes Gemma 4 assistants: the target must be Gemma 4")
+    if c.copy_head:
+        raise UnsupportedModelError("a drafter with a copy head cannot be exported: Gemma 4 assistants have none")
     c.check_target(target)
     if c.activation != "gelu_tanh" or not c.qk_norm or c.query_scale != 1.0:
         raise UnsupportedModelError("only Gemma-4-shaped drafters (gelu, q-norm, query scale 1) can be exported")

@@ -72,10 +72,10 @@ def add_arguments(p) -> None:
         help="add a copy head, a pointer over the context mixed into the head (experimental, docs/training.md)",
     )
     p.add_argument(
-        "--copy-layer",
-        type=int,
-        default=-1,
-        help="target layer whose keys the copy head reads (default: the one the drafter's last layer reads)",
+        "--copy-layers",
+        default="",
+        help="comma list of target layers whose keys the copy head reads (default: the one the drafter's "
+        "last layer reads)",
     )
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -151,9 +151,14 @@ def run(a) -> int:
     n_train = max(1, a.tokens // a.max_new_tokens)
     if len(items) < n_train + N_VAL:
         raise InvalidRequestError(f"need {n_train + N_VAL} prompts for {a.tokens} tokens, the data has {len(items)}")
-    if not -1 <= a.copy_layer < tcfg.num_layers:
-        raise InvalidRequestError(f"--copy-layer {a.copy_layer}: the target has layers 0..{tcfg.num_layers - 1}")
-    copy_layer = a.copy_layer if a.copy_head else -1
+    try:
+        copy_layers = tuple(int(i) for i in a.copy_layers.split(",") if i.strip()) if a.copy_head else ()
+    except ValueError:
+        raise InvalidRequestError(f"--copy-layers {a.copy_layers!r}: give layer numbers, e.g. 5,17") from None
+    if any(not 0 <= i < tcfg.num_layers for i in copy_layers):
+        raise InvalidRequestError(f"--copy-layers {a.copy_layers}: the target has layers 0..{tcfg.num_layers - 1}")
+    if len({tcfg.layer_types[i] for i in copy_layers}) > 1:
+        raise InvalidRequestError(f"--copy-layers {a.copy_layers}: give layers of one attention type")
     val = build_prompts(llm.tokenizer, items[:N_VAL], max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
     train_items = items[N_VAL : N_VAL + n_train]
     prompts = build_prompts(llm.tokenizer, train_items, max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
@@ -168,7 +173,7 @@ def run(a) -> int:
         batch_size=a.gen_batch,
         stop_ids=llm.tokenizer.stop_ids,
         seed=a.seed,
-        copy_layer=copy_layer,
+        copy_layers=copy_layers,
     )
     written = sum(len(s.tokens) - s.n_prompt for s in sequences)
     status(f"{len(sequences)} sequences, {written} target-written tokens")
@@ -178,7 +183,7 @@ def run(a) -> int:
         max_len = min(a.corpus_len, tcfg.max_position)
         texts = corpus_sequences(llm.tokenizer, items[N_VAL + n_train :], tokens=a.corpus_tokens, max_len=max_len)
         corpus, corpus_seconds = _shards(
-            target, texts, data_dir / "corpus", batch_size=a.gen_batch, teacher_forced=True, copy_layer=copy_layer
+            target, texts, data_dir / "corpus", batch_size=a.gen_batch, teacher_forced=True, copy_layers=copy_layers
         )
         corpus_tokens = sum(s.hidden.shape[0] for s in corpus)
         status(f"{len(corpus)} teacher-forced sequences, {corpus_tokens} positions")
@@ -194,7 +199,7 @@ def run(a) -> int:
         num_centroids=a.centroids,
         centroid_top_k=a.centroid_top_k,
         copy_head=a.copy_head,
-        copy_layer=copy_layer,
+        copy_layers=copy_layers,
     )
     drafter = MTPDrafter(dcfg).init_weights(0.02, torch.Generator().manual_seed(a.seed))
     init, fit_error = _initialise(

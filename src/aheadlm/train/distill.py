@@ -18,7 +18,7 @@ import torch
 
 from ..batch import generate_batch
 from ..config import FULL, SLIDING
-from ..drafter import COPY
+from ..drafter import copy_key
 from ..errors import InvalidRequestError, WeightsError
 from ..model import Transformer
 from ..progress import progress
@@ -27,12 +27,12 @@ TEMPERATURES = (0.0, 0.0, 0.7, 1.0)
 """Cycled over rows: half greedy (what greedy speculative decoding sees), half sampled."""
 
 
-def feature_layers(model: Transformer, copy_layer: int = -1) -> dict[str, int]:
-    """Layer type -> index of the layer whose K/V a drafter reads, plus `COPY` -> the layer a copy
-    head reads when it has one of its own (`copy_layer` >= 0)."""
+def feature_layers(model: Transformer, copy_layers: tuple[int, ...] = ()) -> dict[str, int]:
+    """Layer type -> index of the layer whose K/V a drafter reads, plus (`drafter.copy_key`) the
+    other layers a copy head reads."""
     cfg = model.config
     layers = {t: cfg.last_layer_of(t) for t in (SLIDING, FULL) if t in cfg.layer_types}
-    return layers | ({COPY: copy_layer} if copy_layer >= 0 else {})
+    return layers | {copy_key(i, cfg.layer_types): i for i in copy_layers}
 
 
 @dataclass
@@ -60,16 +60,16 @@ def write_shards(
     seed: int = 0,
     teacher_forced: bool = False,
     generate: bool = True,
-    copy_layer: int = -1,
+    copy_layers: tuple[int, ...] = (),
 ) -> list[Path]:
     """Generate and store shards of `per_shard` sequences; existing complete shards are kept, so a
     killed run continues where it stopped. With `teacher_forced`, `prompts` are whole texts that the
     target only reads (plus its one greedy next token). With `generate=False` a missing shard is an
-    error (several training processes must not write the same files). `copy_layer` >= 0 also keeps
-    that layer's K/V, for a copy head that reads it."""
+    error (several training processes must not write the same files). `copy_layers` also keeps
+    those layers' K/V, for a copy head that reads them."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    layers = feature_layers(model, copy_layer)
+    layers = feature_layers(model, copy_layers)
     paths = []
     n_shards = (len(prompts) + per_shard - 1) // per_shard
     temperatures = (0.0,) if teacher_forced else TEMPERATURES

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import SLIDING, ModelConfig
-from ..drafter import COPY, MTPDrafter, RoundContext
+from ..drafter import MTPDrafter, RoundContext
 from ..errors import InvalidRequestError, WeightsError
 from ..kv_cache import AttnView
 from ..model import rope_tables
@@ -119,13 +119,13 @@ def sequence_loss(
     kpos = torch.arange(L, device=device)[None]
     ctx = RoundContext({}, {})
     dcfg = drafter.config
-    if drafter.copy is not None and drafter.copy.layer_type not in seq.kv:
+    if drafter.copy is not None and any(key not in seq.kv for key in drafter.copy.sources):
         raise InvalidRequestError(
-            f"the training data lacks the K/V of target layer {dcfg.copy_layer}, which the copy head reads: "
-            "write the data with the same --copy-layer"
+            f"the training data lacks the K/V of target layers {list(dcfg.copy_layers)}, which the copy head "
+            "reads: write the data with the same --copy-layers"
         )
     for key, (k, v) in seq.kv.items():
-        t = dcfg.copy_type() if key == COPY else key
+        t = dcfg.key_type(key)
         shape = (1, L, tcfg.type_kv_heads(t), tcfg.type_head_dim(t))
         k = k.to(device).float().view(shape).transpose(1, 2)
         v = v.to(device).float().view(shape).transpose(1, 2)
