@@ -37,7 +37,8 @@ that reads both layers' keys with their scores summed, so that at one position l
 (its own token) and layer 5's (the token before it) can together match the last two tokens. As
 the P5 trial, on the same half of the data for 300 steps (`--out runs/ft-P517`), compared with
 P5's 1.58. Only if it reaches 1.88 (+0.30) does the layer set go on to a longer run on all the
-data; a Spec-Bench run then follows the rule below.
+data; a Spec-Bench run then follows the rule below. Result: 1.51 (validation tau 2.94, the best
+so far, but not on Spec-Bench), so no longer run was made.
 
 Pre-registered rule (written before the run; C0's numbers are deterministic and on record in
 docs/results/long_prompt_trial_*_C0.json):
