@@ -104,7 +104,7 @@ def main():
     from aheadlm.train.cli import N_VAL, held_out_tau, make_evaluator
     from aheadlm.train.clusters import use_clusters
     from aheadlm.train.data import build_prompts, load_conversations
-    from aheadlm.train.distill import load_shard
+    from aheadlm.train.distill import load_folder
     from aheadlm.train.trainer import Tables, TrainConfig, train
 
     llm = aheadlm.load(a.model, drafter="none")
@@ -112,9 +112,7 @@ def main():
     items = load_conversations(None)
     random.Random(0).shuffle(items)  # the validation prompts `aheadlm train-drafter --seed 0` holds out
     val = build_prompts(llm.tokenizer, items[:N_VAL], max_prompt_tokens=160, seed=0)
-    data = Path(a.data)
-    paths = sorted(data.glob("shard_*.safetensors")) + sorted((data / "corpus").glob("shard_*.safetensors"))
-    seqs = [s for p in paths for s in load_shard(p)]
+    seqs = load_folder(a.data)
     print(len(seqs), "sequences,", sum(s.hidden.shape[0] for s in seqs), "positions", flush=True)
     dcfg = DrafterConfig.for_target(
         target.config,

@@ -71,7 +71,7 @@ def train_drafter(a) -> None:
     from aheadlm.train.cli import N_VAL, make_evaluator
     from aheadlm.train.clusters import use_clusters
     from aheadlm.train.data import build_prompts, load_conversations
-    from aheadlm.train.distill import load_shard
+    from aheadlm.train.distill import load_folder
     from aheadlm.train.trainer import Tables, TrainConfig, train
     from aheadlm.train.warm_start import warm_start
 
@@ -80,8 +80,7 @@ def train_drafter(a) -> None:
     items = load_conversations(None)
     random.Random(0).shuffle(items)  # the validation prompts `aheadlm train-drafter --seed 0` holds out
     val = build_prompts(llm.tokenizer, items[:N_VAL], max_prompt_tokens=160, seed=0)
-    paths = sorted(data.glob("shard_*.safetensors")) + sorted((data / "corpus").glob("shard_*.safetensors"))
-    seqs = [s for p in paths for s in load_shard(p)]
+    seqs = load_folder(data)
     print(len(seqs), "sequences,", sum(s.hidden.shape[0] for s in seqs), "positions", flush=True)
     tcfg = target.config
     dcfg = DrafterConfig.for_target(

@@ -19,7 +19,7 @@ from aheadlm.proposers import MTPProposer
 from aheadlm.speculative import SpecConfig
 from aheadlm.train.clusters import balanced_clusters
 from aheadlm.train.data import corpus_sequences
-from aheadlm.train.distill import load_shard, write_shards
+from aheadlm.train.distill import load_folder, load_shard, write_shards
 from aheadlm.train.trainer import Tables, TrainConfig, latest_checkpoint, sequence_loss, train
 from aheadlm.train.warm_start import capture, warm_start
 
@@ -209,9 +209,13 @@ def test_teacher_forced_shards(setup, tmp_path):
     target, _, _ = setup
     g = torch.Generator().manual_seed(1)
     texts = [torch.randint(0, 160, (n,), generator=g).tolist() for n in (9, 30, 17)]
-    paths = write_shards(target, texts, tmp_path, batch_size=2, per_shard=2, teacher_forced=True)
+    paths = write_shards(target, texts, tmp_path / "corpus", batch_size=2, per_shard=2, teacher_forced=True)
     seqs = [s for p in paths for s in load_shard(p)]
     assert [s.tokens[:-1].tolist() for s in seqs] == texts and all(s.n_prompt == 0 for s in seqs)
+    # a data folder loads its generated shards first, then its teacher-forced ones
+    write_shards(target, [texts[0][:5]], tmp_path, max_new_tokens=4, per_shard=2)
+    folder = load_folder(tmp_path)
+    assert folder[0].n_prompt == 5 and [s.tokens.tolist() for s in folder[1:]] == [s.tokens.tolist() for s in seqs]
     for text, s in zip(texts, seqs, strict=True):
         cache = KVCache(target.config, len(text), max_step=len(text))
         with torch.inference_mode():

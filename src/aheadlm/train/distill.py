@@ -144,6 +144,14 @@ def load_shard(path: Path) -> list[Sequence]:
     return seqs
 
 
+def load_folder(folder: str | Path) -> list[Sequence]:
+    """Every sequence of a data folder: its self-distillation shards, then its teacher-forced
+    ones (`corpus/`), each in shard order."""
+    root = Path(folder)
+    paths = sorted(root.glob("shard_*.safetensors")) + sorted((root / "corpus").glob("shard_*.safetensors"))
+    return [s for p in paths for s in load_shard(p)]
+
+
 def shard_seconds(paths: list[Path]) -> float:
     """Total generation time recorded in the shards' metadata (also for shards of an earlier run)."""
     from safetensors import safe_open
