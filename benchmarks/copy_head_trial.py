@@ -55,7 +55,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -101,17 +100,14 @@ def main():
     from aheadlm.drafter import DrafterConfig, MTPDrafter, save_drafter
     from aheadlm.engine import GenerationStats
     from aheadlm.train.calibrate import choose_threshold, modeled_speed, record_rounds
-    from aheadlm.train.cli import N_VAL, held_out_tau, make_evaluator
+    from aheadlm.train.cli import held_out_prompts, held_out_tau, make_evaluator
     from aheadlm.train.clusters import use_clusters
-    from aheadlm.train.data import build_prompts, load_conversations
     from aheadlm.train.distill import load_folder
     from aheadlm.train.trainer import Tables, TrainConfig, train
 
     llm = aheadlm.load(a.model, drafter="none")
     target = llm.engine.model
-    items = load_conversations(None)
-    random.Random(0).shuffle(items)  # the validation prompts `aheadlm train-drafter --seed 0` holds out
-    val = build_prompts(llm.tokenizer, items[:N_VAL], max_prompt_tokens=160, seed=0)
+    val = held_out_prompts(llm.tokenizer)  # those `aheadlm train-drafter --seed 0` holds out
     seqs = load_folder(a.data)
     print(len(seqs), "sequences,", sum(s.hidden.shape[0] for s in seqs), "positions", flush=True)
     dcfg = DrafterConfig.for_target(

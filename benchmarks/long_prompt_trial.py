@@ -48,17 +48,14 @@ def finetune(a) -> None:
 
     import aheadlm
     from aheadlm.drafter import DrafterConfig, MTPDrafter, save_drafter
-    from aheadlm.train.cli import N_VAL, make_evaluator
+    from aheadlm.train.cli import held_out_prompts, make_evaluator
     from aheadlm.train.clusters import use_clusters
-    from aheadlm.train.data import build_prompts, load_conversations
     from aheadlm.train.distill import load_folder
     from aheadlm.train.trainer import Tables, TrainConfig, train
 
     llm = aheadlm.load(a.model, drafter="none")
     target = llm.engine.model
-    items = load_conversations(None)
-    random.Random(0).shuffle(items)  # the validation prompts `aheadlm train-drafter --seed 0` holds out
-    val = build_prompts(llm.tokenizer, items[:N_VAL], max_prompt_tokens=160, seed=0)
+    val = held_out_prompts(llm.tokenizer)  # those `aheadlm train-drafter --seed 0` holds out
     seqs = load_folder(a.data)
     for extra in a.extra:
         seqs += load_folder(extra)

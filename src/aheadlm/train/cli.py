@@ -118,6 +118,13 @@ def _initialise(drafter, target, sequences, choice: str, skip: bool) -> tuple[st
     return "target", err
 
 
+def held_out_prompts(tokenizer, data=None, seed: int = 0, max_prompt_tokens: int = 160) -> list[list[int]]:
+    """The validation prompts `train-drafter --seed SEED` holds out: the first N_VAL of its shuffle."""
+    items = load_conversations(data)
+    random.Random(seed).shuffle(items)
+    return build_prompts(tokenizer, items[:N_VAL], max_prompt_tokens=max_prompt_tokens, seed=seed)
+
+
 def held_out_tau(stats: list[GenerationStats]) -> float:
     """tau over several prompts: their decode-phase tokens over their target forwards."""
     return sum(st.completion_tokens - 1 for st in stats) / max(sum(st.target_forwards for st in stats), 1)
