@@ -125,11 +125,11 @@ class DrafterConfig:
         base.update(kw)
         return cls(**base)
 
-    def copy_sources(self) -> dict[str, int | None]:
-        """Round-context entry -> target layer of each K/V the copy head reads (None: an entry the
-        drafter's layers read anyway)."""
+    def copy_sources(self) -> dict[str, int]:
+        """Round-context entry -> target layer of each K/V the copy head reads (by default the
+        entry of the drafter's last layer, -1: it is in the round context anyway)."""
         if not self.copy_layers:
-            return {self.layer_types[-1]: None}
+            return {self.layer_types[-1]: -1}
         return {copy_key(layer, self.target_layer_types): layer for layer in self.copy_layers}
 
     def key_type(self, key: str) -> str:
@@ -243,9 +243,9 @@ class CopyHead(nn.Module):
     learns to copy (`benchmarks/copy_rounds.py`). From the draft step's input and output
     u = (input token embedding, incoming hidden, outgoing hidden), two query heads score the
     target's cached keys of one or more layers (`copy_layers`, scores summed; by default the one
-    the drafter's last layer reads): head 0 proposes the token at the attended position, head 1 the token after it (a
-    learned n-gram lookup). One softmax spans both; a gate g(u) weighs the pointer against the
-    head."""
+    the drafter's last layer reads): head 0 proposes the token at the attended position, head 1
+    the token after it (a learned n-gram lookup). One softmax spans both; a gate g(u) weighs the
+    pointer against the head."""
 
     def __init__(self, cfg: DrafterConfig):
         super().__init__()
@@ -263,9 +263,10 @@ class CopyHead(nn.Module):
         u = torch.cat([emb, h_in, h_out], dim=-1)
         (B, T, _), n, d = u.shape, self.kv_heads, self.head_dim
         qs = self.q(u).view(B, T, len(self.sources), 2 * n, d)
+        view = ctx.kv[self.sources[0]][2]  # one attention type: every source has the same slots
         s = 0.0
-        for i, key in enumerate(self.sources):  # one attention type: the same slots in each
-            k, _, view = ctx.kv[key]
+        for i, key in enumerate(self.sources):
+            k = ctx.kv[key][0]
             cos, sin = ctx.rope[key]
             q = apply_rope(qs[:, :, i].transpose(1, 2).to(k.dtype).contiguous(), cos, sin).view(B, 2, n, T, d)
             s = s + torch.einsum("bontd,bnsd->btos", q, k)  # [B, T, 2, S]
@@ -344,7 +345,7 @@ class MTPDrafter(nn.Module):
             if key not in kv:  # a layer only the copy head reads
                 t = c.key_type(key)
                 view = cache.read_view(t, pos, strict=True, window=c.window(tcfg, t))
-                kv[key] = (*cache.read(tcfg.last_layer_of(t) if layer is None else layer, view.end), view)
+                kv[key] = (*cache.read(layer, view.end), view)
                 rope[key] = rope_tables(getattr(target, f"inv_freq_{t}"), pos, target.embed_dtype())
         return RoundContext(rope, kv)
 

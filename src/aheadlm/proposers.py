@@ -64,17 +64,12 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     return tok, q, float(q.max())
 
 
-def choose_draft(drafter: MTPDrafter, target: Transformer, head_in: torch.Tensor, params, generator):
-    """The drafter's token for one row (head_in [H]) -> (token, processed q or None, confidence).
-    With a clustered head only the candidates can be drafted, so both greedy and sampled drafts
-    work on the candidate scores; a sampled draft's q (needed by rejection sampling) is that
-    distribution placed over the whole vocabulary, zero elsewhere."""
-    ids, scores = drafter.scores(target, head_in)
-    return choose_candidate(ids, scores, drafter.config.vocab_size, params, generator)
-
-
 def choose_candidate(ids: torch.Tensor | None, scores: torch.Tensor, vocab_size: int, params, generator):
-    """`choose_draft` from scores of token ids `ids` (None: of the whole vocabulary)."""
+    """A drafter's token from its scores of token ids `ids` (None: of the whole vocabulary) ->
+    (token, processed q or None, confidence). With a clustered head only the candidates can be
+    drafted, so both greedy and sampled drafts work on the candidate scores; a sampled draft's q
+    (needed by rejection sampling) is that distribution placed over the whole vocabulary, zero
+    elsewhere."""
     if ids is None:
         return _choose(scores, params, generator)
     if params.greedy:
@@ -94,16 +89,14 @@ COPY_TOP = 32
 def choose_mixed(ids, scores, pointer, vocab_size: int, params, generator):
     """`choose_candidate` for a drafter with a copy head: the head's distribution (processed as
     usual) weighted 1 - g plus, weighted g, the pointer's heaviest entries renormalised.
-    `pointer` = (token ids [N], weights [N], g). A sampled draft's q is exactly this mixture."""
-    cids, cw, g = pointer
-    if cw.numel() == 0 or g <= 0.0:  # nothing to point at: the head's choice alone
+    `pointer` = (token ids [N], weights [N], g), or None for a drafter without a copy head. A
+    sampled draft's q is exactly this mixture."""
+    if pointer is None or pointer[2] <= 0.0 or float(pointer[1].sum()) <= 0.0:  # the head's choice alone
         return choose_candidate(ids, scores, vocab_size, params, generator)
+    cids, cw, g = pointer
     p = torch.softmax(scores.float(), -1) if params.greedy else processed_probs(scores[None], params)[0]
     top = cw.topk(min(COPY_TOP, cw.numel()))
-    total = float(top.values.sum())
-    if total <= 0.0:
-        g, total = 0.0, 1.0
-    pointed, weight = cids[top.indices], top.values.to(p.dtype) * (g / total)
+    pointed, weight = cids[top.indices], top.values.to(p.dtype) * (g / float(top.values.sum()))
     if params.greedy:  # the best is the head's best or a pointed token; no sort needed
         in_head = (pointed[:, None] == ids[None]).to(p.dtype) @ p if ids is not None else p[pointed]
         mixed = (pointed[:, None] == pointed[None]).to(p.dtype) @ weight + (1.0 - g) * in_head
@@ -163,13 +156,12 @@ class MTPProposer(Proposer):
             else:
                 head_in, h = d.step(target, torch.tensor([tok]), h, ctx)
                 ids, scores = d.scores(target, head_in[0])
-            if d.copy is None:
-                choice, q, conf = choose_candidate(ids, scores, d.config.vocab_size, params, generator)
-            else:
+            pointer = None
+            if d.copy is not None:
                 emb = target.embed_tokens(torch.tensor([[tok]])).to(h.dtype)
                 cids, cw, g = d.copy(emb, h_in[:, None], h[:, None], ctx, known)
                 pointer = (cids[0, 0], cw[0, 0], float(g[0, 0]))
-                choice, q, conf = choose_mixed(ids, scores, pointer, d.config.vocab_size, params, generator)
+            choice, q, conf = choose_mixed(ids, scores, pointer, d.config.vocab_size, params, generator)
             if conf < self.threshold:
                 break
             tokens.append(choice)

@@ -23,7 +23,7 @@ from ..engine import Engine
 from ..kv_cache import KVCache
 from ..model import Transformer
 from ..outputs import GenerationStats
-from ..proposers import NgramProposer, SpecState, choose_draft, choose_mixed
+from ..proposers import NgramProposer, SpecState, choose_mixed
 from ..sampling import SamplingParams, apply_repetition_penalty, next_token
 from ..speculative import judge
 
@@ -229,13 +229,12 @@ class BatchEngine:
             for r in active:
                 if j >= budget[r.row] or len(drafts[r.row]) < j:
                     continue
-                if known is None:
-                    choice, q, _ = choose_draft(d, self.model, head_in[r.row], r.params, r.generator)
-                else:
-                    ids, scores = d.scores(self.model, head_in[r.row])
+                ids, scores = d.scores(self.model, head_in[r.row])
+                row = None
+                if known is not None:
                     cids, cw, g = (t[r.row, 0] for t in pointer)
-                    vocab = d.config.vocab_size
-                    choice, q, _ = choose_mixed(ids, scores, (cids, cw, float(g)), vocab, r.params, r.generator)
+                    row = (cids, cw, float(g))
+                choice, q, _ = choose_mixed(ids, scores, row, d.config.vocab_size, r.params, r.generator)
                 drafts[r.row].append(choice)
                 if q is not None:
                     qs[r.row].append(q)
