@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
+from aheadlm.copy_head import CopyHead, Pointer, recent_tokens
 from aheadlm.drafter import (
-    CopyHead,
     DrafterConfig,
     MTPDrafter,
     RoundContext,
@@ -41,10 +41,10 @@ def copy_drafter(target, seed=0, **kw):
     return d
 
 
-def pointer_inputs(target, positions: torch.Tensor, length: int, seed=0):
+def pointer_inputs(target, positions: torch.Tensor, length: int, seed=0, **kw):
     """A round context over `length` cached slots with queries at `positions`, random K and rows."""
     g = torch.Generator().manual_seed(seed)
-    cfg = DrafterConfig.for_target(target.config, hidden_size=32, intermediate_size=48, copy_head=True)
+    cfg = DrafterConfig.for_target(target.config, hidden_size=32, intermediate_size=48, copy_head=True, **kw)
     head = CopyHead(cfg)
     for p in head.parameters():
         torch.nn.init.normal_(p, 0.0, 0.3, generator=g)
@@ -59,11 +59,17 @@ def pointer_inputs(target, positions: torch.Tensor, length: int, seed=0):
     return head, ctx, rows, tokens
 
 
+def last_inputs(tokens, positions, n):
+    """`recent` of a round's first depth at each query position: the n known tokens up to it."""
+    return recent_tokens([tokens[0, : p + 1].tolist() for p in positions.tolist()], n).view(1, len(positions), n)
+
+
 def test_pointer_targets_and_masks(target):
     positions = torch.tensor([1, 4, 9])
     head, ctx, rows, tokens = pointer_inputs(target, positions, 10)
     with torch.no_grad():
-        ids, w, g = head(*rows, ctx, tokens)
+        p = head(*rows, ctx, tokens, last_inputs(tokens, positions, 1))
+    ids, w, g = p.ids(tokens), p.w, p.g
     S = 10
     assert ids.shape == w.shape == (1, 3, 2 * S) and g.shape == (1, 3)
     for r, p in enumerate(positions.tolist()):
@@ -77,26 +83,90 @@ def test_pointer_targets_and_masks(target):
     # a query with nothing before it points nowhere and gets no weight
     head, ctx, rows, tokens = pointer_inputs(target, torch.tensor([0]), 4)
     with torch.no_grad():
-        _, w, g = head(*rows, ctx, tokens)
-    assert float(w.sum()) == 0.0 and float(g.sum()) == 0.0
+        p = head(*rows, ctx, tokens, last_inputs(tokens, torch.tensor([0]), 1))
+    assert float(p.w.sum()) == 0.0 and float(p.g.sum()) == 0.0
 
 
-def test_rows_together_equal_rows_alone(target):
+@pytest.mark.parametrize("kw", [{}, {"copy_follow": True, "copy_match": 2}])
+def test_rows_together_equal_rows_alone(target, kw):
     """Training runs every anchor of a sequence as one batch of query rows; each must equal the
-    same row computed alone (as a draft round computes it)."""
+    same row computed alone (as a draft round computes it), at the first depth and, following or
+    aiming afresh, at the second."""
     positions = torch.tensor([2, 5, 7, 11])
-    head, ctx, rows, tokens = pointer_inputs(target, positions, 12)
+    head, ctx, rows, tokens = pointer_inputs(target, positions, 12, **kw)
+    recent = last_inputs(tokens, positions, head.recent)
+    second = torch.cat([recent[..., 1:], tokens[:, positions + 1, None]], -1)  # the next input: the true token
+    t = head.sources[0]
+
+    def alone(r):
+        k, v, view = ctx.kv[t]
+        one = AttnView(None, view.end, positions[None, r : r + 1], view.kpos, None, True)
+        cos, sin = ctx.rope[t]
+        return RoundContext({t: (cos[:, :, r : r + 1], sin[:, :, r : r + 1])}, {t: (k, v, one)})
+
     with torch.no_grad():
-        together = head(*rows, ctx, tokens)
-        t = head.sources[0]
+        first = head(*rows, ctx, tokens, recent)
+        together = head(*rows, ctx, tokens, second, first)
         for r in range(len(positions)):
-            k, v, view = ctx.kv[t]
-            one = AttnView(None, view.end, positions[None, r : r + 1], view.kpos, None, True)
-            cos, sin = ctx.rope[t]
-            c1 = RoundContext({t: (cos[:, :, r : r + 1], sin[:, :, r : r + 1])}, {t: (k, v, one)})
-            alone = head(*(x[:, r : r + 1] for x in rows), c1, tokens)
-            for a, b in zip(together, alone, strict=True):
-                torch.testing.assert_close(a[:, r : r + 1], b)
+            part = [x[:, r : r + 1] for x in rows]
+            p1 = head(*part, alone(r), tokens, recent[:, r : r + 1])
+            p2 = head(*part, alone(r), tokens, second[:, r : r + 1], p1)
+            for both, one in ((first, p1), (together, p2)):
+                for a, b in zip((both.src, both.w, both.g), (one.src, one.w, one.g), strict=True):
+                    torch.testing.assert_close(a[:, r : r + 1], b)
+
+
+def test_follow_moves_the_agreeing_slots_on(target):
+    """From depth 2 a following pointer keeps the previous entries whose token is the new input,
+    one position on, renormalised, and its gate sees the share they kept; a row with no such entry
+    aims afresh."""
+    positions = torch.tensor([9, 9])
+    head, ctx, rows, tokens = pointer_inputs(target, positions, 10, copy_follow=True)
+    tokens = torch.tensor([[4, 7, 5, 4, 7, 6, 4, 8, 1, 4, 0]])
+    prev = Pointer(
+        torch.tensor([[[0, 3, 6, 7], [0, 3, 6, 7]]]),
+        torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.4, 0.3, 0.2, 0.1]]]),
+        torch.zeros(1, 2),
+    )
+    # row 0's input is 4 (at 0, 3 and 6); row 1's is 9, which no entry proposes
+    recent = torch.tensor([[[4], [9]]])
+    with torch.no_grad():
+        p = head(*rows, ctx, tokens, recent, prev)
+        fresh = head(*rows, ctx, tokens, recent)
+        gate = torch.sigmoid(head.gate(torch.cat(rows, -1))[0, :, 0] + head.follow[0] * 0.9 + head.follow[1])
+    assert p.src[0, 0, :4].tolist() == [1, 4, 7, 8]  # (padded to the fresh row's entries)
+    torch.testing.assert_close(p.w[0, 0, :4], torch.tensor([4, 3, 2, 0]) / 9.0)
+    assert float(p.w[0, 0, 4:].sum()) == 0.0
+    assert p.ids(tokens)[0, 0, :3].tolist() == [7, 7, 8]
+    torch.testing.assert_close(p.g[0, 0], gate[0])
+    for a, b in ((p.src, fresh.src), (p.w, fresh.w), (p.g, fresh.g)):
+        torch.testing.assert_close(a[0, 1], b[0, 1])
+    # a slot whose next position is past the query is not followed (it would propose a draft)
+    late = Pointer(torch.tensor([[[9, 3], [9, 3]]]), torch.tensor([[[0.5, 0.5], [0.5, 0.5]]]), torch.zeros(1, 2))
+    with torch.no_grad():
+        p = head(*rows, ctx, tokens, torch.tensor([[[4], [4]]]), late)
+    assert p.src[0, 0, :2].tolist() == [10, 4] and p.w[0, 0, :2].tolist() == [0.0, 1.0]
+
+
+def test_match_bonus_scores_exact_ngrams(target):
+    """With `copy_match`, a position whose preceding tokens equal the round's last inputs gets the
+    bonus of each order matched, and with no other signal the pointer aims there."""
+    positions = torch.tensor([11])
+    head, ctx, rows, tokens = pointer_inputs(target, positions, 12, copy_match=2)
+    tokens = torch.tensor([[1, 2, 3, 9, 2, 3, 5, 2, 8, 4, 1, 2, 3]])
+    recent = last_inputs(tokens, positions, 2)  # ... 1, 2 (positions 10, 11)
+    src = torch.arange(13)[None, None]
+    with torch.no_grad():
+        head.match.copy_(torch.tensor([1.0, 10.0]))
+        bonus = head.match_bonus(src, tokens, recent)[0, 0]
+        expect = torch.zeros(13)
+        expect[[2, 5, 8, 12]] = 1.0  # after a 2
+        expect[[2, 12]] += 10.0  # after 1, 2
+        torch.testing.assert_close(bonus, expect)
+        torch.nn.init.zeros_(head.q.weight)  # content scores 0: the bonus alone aims
+        p = head(*rows, ctx, tokens, recent)
+    best = p.src[0, 0, p.w[0, 0].argmax()]
+    assert int(best) == 2 and p.ids(tokens)[0, 0, p.w[0, 0].argmax()] == 3
 
 
 def test_choose_mixed():
@@ -125,14 +195,15 @@ def test_choose_mixed():
 @pytest.mark.parametrize("k", [1, 3])
 def test_greedy_identity_with_a_copy_head(target, k):
     plain = Engine(target)
-    for kw in ({}, {"num_centroids": 16, "centroid_top_k": 4}):
+    for kw in ({}, {"num_centroids": 16, "centroid_top_k": 4}, {"copy_follow": True, "copy_match": 3}):
         spec = Engine(target, proposer=MTPProposer(copy_drafter(target, **kw)), spec=SpecConfig(num_draft=k))
         for prompt in ([1, 5, 9, 14, 3], [3, 100, 101, 102, 100, 101, 102, 100], [9] * 20):
             ref = [t for s in plain.generate(prompt, max_tokens=24) for t in s.token_ids]
             assert [t for s in spec.generate(prompt, max_tokens=24) for t in s.token_ids] == ref
 
 
-def test_training_and_folder_with_a_copy_head(tmp_path):
+@pytest.mark.parametrize("kw", [{}, {"copy_follow": True, "copy_match": 2}])
+def test_training_and_folder_with_a_copy_head(tmp_path, kw):
     """Training with a copy head lowers the loss on prompts that repeat a phrase; the saved folder
     (int8) loads with it and decodes losslessly."""
     target = ours_from_hf(tiny_hf("gemma3", seed=7))
@@ -140,7 +211,7 @@ def test_training_and_folder_with_a_copy_head(tmp_path):
     prompts = [torch.randint(0, 160, (6,), generator=g).tolist() * 3 for _ in range(8)]
     paths = write_shards(target, prompts, tmp_path / "data", max_new_tokens=16, batch_size=4, per_shard=4)
     seqs = [s for p in paths for s in load_shard(p)]
-    cfg = DrafterConfig.for_target(target.config, hidden_size=32, intermediate_size=64, copy_head=True)
+    cfg = DrafterConfig.for_target(target.config, hidden_size=32, intermediate_size=64, copy_head=True, **kw)
     drafter = MTPDrafter(cfg).init_weights(0.02, torch.Generator().manual_seed(0)).train()
     tables = Tables.from_model(target)
     tc = TrainConfig(
@@ -157,7 +228,9 @@ def test_training_and_folder_with_a_copy_head(tmp_path):
     assert fixed_loss() < 0.8 * before
     save_drafter(drafter.eval(), tmp_path / "drafter", int8=True)
     loaded = load_drafter(tmp_path / "drafter", target.config)
-    assert loaded.copy is not None
+    assert loaded.copy is not None and (loaded.copy.follow is not None) == bool(kw)
+    if kw:  # its own parameters round-trip (stored in bf16)
+        torch.testing.assert_close(loaded.copy.match, drafter.copy.match.bfloat16().float())
     plain, spec = Engine(target), Engine(target, proposer=MTPProposer(loaded), spec=SpecConfig(3))
     for p in prompts[:3]:
         ref = [t for st in plain.generate(p, max_tokens=16) for t in st.token_ids]

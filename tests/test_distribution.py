@@ -90,10 +90,11 @@ def drafters(target):
         target.config, hidden_size=16, intermediate_size=16, num_layers=1, num_centroids=4, centroid_top_k=2
     )
     clustered = MTPDrafter(cfg).init_weights(0.3, torch.Generator().manual_seed(2)).eval()
-    # A copy head mixes a pointer over the context into the clustered head's q.
+    # A copy head mixes a pointer over the context into the clustered head's q; from depth 2 it
+    # follows the slots that agree with the draft, and it scores n-gram matches.
     cfg = DrafterConfig.for_target(
         target.config, hidden_size=16, intermediate_size=16, num_layers=1, num_centroids=4, centroid_top_k=2,
-        copy_head=True,
+        copy_head=True, copy_follow=True, copy_match=2,
     )  # fmt: skip
     copying = MTPDrafter(cfg).init_weights(0.3, torch.Generator().manual_seed(3)).eval()
     torch.nn.init.zeros_(copying.copy.gate.bias)

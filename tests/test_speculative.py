@@ -50,8 +50,10 @@ def random_drafter(target_model, seed=0, **kw):
 
 
 def copying_drafter(target_model, seed=0):
-    """A random clustered drafter with a copy head whose gate starts half open."""
-    d = random_drafter(target_model, seed, num_centroids=16, centroid_top_k=4, copy_head=True)
+    """A random clustered drafter with a copy head (following its slots, scoring n-gram matches)
+    whose gate starts half open."""
+    kw = dict(copy_head=True, copy_follow=True, copy_match=2)
+    d = random_drafter(target_model, seed, num_centroids=16, centroid_top_k=4, **kw)
     torch.nn.init.zeros_(d.copy.gate.bias)
     return d
 

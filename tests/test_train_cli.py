@@ -57,16 +57,18 @@ def test_train_drafter_command_end_to_end(tmp_path):
 
 
 def test_train_drafter_with_a_copy_head(tmp_path, capsys):
-    """--copy-head --copy-layers: the shards keep the extra layer's K/V, the folder records the
-    copy head and decodes losslessly; layers the target lacks are refused clearly."""
+    """--copy-head --copy-layers --copy-follow --copy-match: the shards keep the extra layer's K/V,
+    the folder records the copy head and decodes losslessly; layers the target lacks, and copy-head
+    options without a copy head, are refused clearly."""
     out = tmp_path / "copy"
     argv = ["train-drafter", "--model", "smollm2-135m", "--out", str(out), "--tokens", "128"]
     argv += ["--data", str(_prompts_file(tmp_path)), "--max-new-tokens", "16", "--max-prompt-tokens", "48"]
     argv += ["--hidden", "576", "--intermediate", "1536", "--layers", "1", "--eval-every", "0", "--eval-tokens", "8"]
     argv += ["--seqs-per-step", "2", "--max-anchors", "32", "--steps", "2", "--copy-head"]
-    assert main(argv + ["--copy-layers", "20,29"]) == 0
+    assert main(argv + ["--copy-layers", "20,29", "--copy-follow", "--copy-match", "2"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["copy_head"] and config["copy_layers"] == [20, 29]
+    assert config["copy_follow"] and config["copy_match"] == 2
     assert any("k_copy20" in p.read_bytes()[:4096].decode("latin-1") for p in (out / "data").glob("shard_*"))
     llm = aheadlm.load("smollm2-135m", drafter=str(out), threshold=0.0)
     assert llm.engine.proposer.drafter.copy is not None
@@ -76,3 +78,6 @@ def test_train_drafter_with_a_copy_head(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv + ["--copy-layers", "40", "--out", str(tmp_path / "bad")]) == 1
     assert "the target has layers 0..29" in capsys.readouterr().err
+    no_head = [x for x in argv if x != "--copy-head"] + ["--copy-follow", "--out", str(tmp_path / "bad2")]
+    assert main(no_head) == 1
+    assert "add --copy-head" in capsys.readouterr().err

@@ -28,6 +28,7 @@ from torch import nn
 
 from . import fused
 from .config import FULL, SLIDING, ModelConfig, per_type
+from .copy_head import CopyHead
 from .errors import DrafterMismatchError, WeightsError
 from .kv_cache import AttnView
 from .model import RMSNorm, apply_rope, attend, rope_tables
@@ -80,6 +81,10 @@ class DrafterConfig:
     copy_layers: tuple[int, ...] = ()
     """Target layers whose cached keys the copy head reads, their scores summed (layers of one
     attention type); empty: the layer the drafter's last layer reads."""
+    copy_follow: bool = False
+    """From depth 2 on, the copy head follows its previous depth's slots that agree with the draft."""
+    copy_match: int = 0
+    """n > 0: the copy head's aim also scores exact matches of the last 1..n input tokens."""
 
     def __post_init__(self):
         if not self.layer_types:
@@ -89,6 +94,8 @@ class DrafterConfig:
         object.__setattr__(self, "copy_layers", tuple(self.copy_layers))
         if self.query_scale == 0.0:
             object.__setattr__(self, "query_scale", self.head_dim**-0.5)
+        if not isinstance(self.copy_match, int) or not 0 <= self.copy_match <= 8:
+            raise ValueError(f"copy_match must be an integer in 0..8, got {self.copy_match!r}")
         if not isinstance(self.draft_threshold, int | float) or not 0.0 <= self.draft_threshold <= 1.0:
             raise ValueError(f"draft_threshold must be a number in 0..1, got {self.draft_threshold!r}")
 
@@ -236,53 +243,6 @@ def copy_key(layer: int, target_layer_types: tuple[str, ...]) -> str:
     return t if layer == last else f"{COPY}{layer}"
 
 
-class CopyHead(nn.Module):
-    """A pointer over the context, mixed into the head's distribution (not part of Gemma 4).
-
-    Why: the targets mostly repeat text from their context, and a drafter reading K/V barely
-    learns to copy (`benchmarks/copy_rounds.py`). From the draft step's input and output
-    u = (input token embedding, incoming hidden, outgoing hidden), two query heads score the
-    target's cached keys of one or more layers (`copy_layers`, scores summed; by default the one
-    the drafter's last layer reads): head 0 proposes the token at the attended position, head 1
-    the token after it (a learned n-gram lookup). One softmax spans both; a gate g(u) weighs the
-    pointer against the head."""
-
-    def __init__(self, cfg: DrafterConfig):
-        super().__init__()
-        self.sources = tuple(cfg.copy_sources())
-        """The round-context entries whose keys it scores."""
-        t = cfg.key_type(self.sources[0])
-        self.kv_heads, self.head_dim = cfg.type_kv_heads(t), cfg.type_head_dim(t)
-        self.q = nn.Linear(3 * cfg.target_hidden, len(self.sources) * 2 * self.kv_heads * self.head_dim, bias=False)
-        self.gate = nn.Linear(3 * cfg.target_hidden, 1)
-
-    def forward(self, emb, h_in, h_out, ctx: RoundContext, tokens: torch.Tensor):
-        """Rows [B, T, H] of one draft depth (query positions as in `ctx`); `tokens` [B, N] the
-        known sequence of each row (the last one at its query position) -> (proposed token ids,
-        weights summing to 1 or, with no slot to point at, 0, both [B, T, 2S]; gate [B, T])."""
-        u = torch.cat([emb, h_in, h_out], dim=-1)
-        (B, T, _), n, d = u.shape, self.kv_heads, self.head_dim
-        qs = self.q(u).view(B, T, len(self.sources), 2 * n, d)
-        view = ctx.kv[self.sources[0]][2]  # one attention type: every source has the same slots
-        s = 0.0
-        for i, key in enumerate(self.sources):
-            k = ctx.kv[key][0]
-            cos, sin = ctx.rope[key]
-            q = apply_rope(qs[:, :, i].transpose(1, 2).to(k.dtype).contiguous(), cos, sin).view(B, 2, n, T, d)
-            s = s + torch.einsum("bontd,bnsd->btos", q, k)  # [B, T, 2, S]
-        s = s * (len(self.sources) * n * d) ** -0.5
-        kpos, qpos = view.kpos[:, None, None], view.qpos[:, :, None, None]  # [B, 1, 1, S], [B, T, 1, 1]
-        src = torch.stack([kpos, kpos + 1], dim=2)[:, :, :, 0]  # [B, 1, 2, S] the position each head copies
-        # written slots strictly before the query, proposing a known token (not a draft)
-        ok = ((kpos >= 0) & (kpos < qpos)) & (src <= qpos)
-        ok = ok.reshape(B, T, -1)
-        # a finite fill keeps rows without a valid slot free of NaN (their weights are zeroed)
-        w = torch.softmax(s.reshape(B, T, -1).float().masked_fill(~ok, -1e30), -1) * ok
-        ids = tokens.gather(1, src.reshape(B, -1).clamp(0, tokens.shape[1] - 1))[:, None].expand(B, T, -1)
-        g = torch.sigmoid(self.gate(u)[..., 0].float()) * ok.any(-1)
-        return ids, w, g
-
-
 @dataclass
 class RoundContext:
     """What stays fixed within a draft round: RoPE at the query position, and the target's K/V of
@@ -323,8 +283,8 @@ class MTPDrafter(nn.Module):
                 nn.init.normal_(p, 0.0, std, generator=generator)
         if self.centroids is not None:
             self.token_ordering = torch.arange(self.config.vocab_size, dtype=torch.long)
-        if self.copy is not None:  # the pointer starts nearly off, so a warm start keeps its head
-            nn.init.constant_(self.copy.gate.bias, -3.0)
+        if self.copy is not None:
+            self.copy.reset()
         return self
 
     # -- one round --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import fused
+from .copy_head import COPY_TOP, recent_tokens
 from .drafter import MTPDrafter
 from .kv_cache import KVCache
 from .model import Transformer
@@ -82,10 +83,6 @@ def choose_candidate(ids: torch.Tensor | None, scores: torch.Tensor, vocab_size:
     return int(ids[j]), q, float(p.max())
 
 
-COPY_TOP = 32
-"""Pointer entries a copy head's draft keeps (its heaviest): the rest carry little mass."""
-
-
 def choose_mixed(ids, scores, pointer, vocab_size: int, params, generator):
     """`choose_candidate` for a drafter with a copy head: the head's distribution (processed as
     usual) weighted 1 - g plus, weighted g, the pointer's heaviest entries renormalised.
@@ -148,6 +145,7 @@ class MTPProposer(Proposer):
         layers = fused.draft_round(d, ctx) if compiled is not None else None
         known = torch.tensor([state.tokens]) if d.copy is not None else None
         tokens, qs, confs = [], [], []
+        ptr = None
         for _ in range(k):
             h_in = h
             if compiled is not None:  # the same numbers as the step and scores below, in one call
@@ -159,8 +157,9 @@ class MTPProposer(Proposer):
             pointer = None
             if d.copy is not None:
                 emb = target.embed_tokens(torch.tensor([[tok]])).to(h.dtype)
-                cids, cw, g = d.copy(emb, h_in[:, None], h[:, None], ctx, known)
-                pointer = (cids[0, 0], cw[0, 0], float(g[0, 0]))
+                recent = recent_tokens([state.tokens + tokens], d.copy.recent)
+                ptr = d.copy(emb, h_in[:, None], h[:, None], ctx, known, recent, ptr, top=COPY_TOP)
+                pointer = (ptr.ids(known)[0, 0], ptr.w[0, 0], float(ptr.g[0, 0]))
             choice, q, conf = choose_mixed(ids, scores, pointer, d.config.vocab_size, params, generator)
             if conf < self.threshold:
                 break

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..copy_head import COPY_TOP, recent_tokens
 from ..drafter import MTPDrafter
 from ..engine import Engine
 from ..kv_cache import KVCache
@@ -220,20 +221,25 @@ class BatchEngine:
                 known[r.row, : len(r.tokens)] = torch.tensor(r.tokens)
             known = known.to(self.device)
         qs: dict[int, list[torch.Tensor]] = {r.row: [] for r in active}
+        ptr = None
         for j in range(k):
             h_in = h
             head_in, h = d.step(self.model, tok.to(self.device), h, ctx)
             if known is not None:
                 emb = self.model.embed_tokens(tok[:, None].to(self.device)).to(h.dtype)
-                pointer = d.copy(emb, h_in[:, None], h[:, None], ctx, known)
+                chains = [[] for _ in range(B)]
+                for r in active:
+                    chains[r.row] = r.tokens + drafts[r.row]
+                recent = recent_tokens(chains, d.copy.recent).to(self.device)
+                ptr = d.copy(emb, h_in[:, None], h[:, None], ctx, known, recent, ptr, top=COPY_TOP)
+                cids = ptr.ids(known)
             for r in active:
                 if j >= budget[r.row] or len(drafts[r.row]) < j:
                     continue
                 ids, scores = d.scores(self.model, head_in[r.row])
                 row = None
                 if known is not None:
-                    cids, cw, g = (t[r.row, 0] for t in pointer)
-                    row = (cids, cw, float(g))
+                    row = (cids[r.row, 0], ptr.w[r.row, 0], float(ptr.g[r.row, 0]))
                 choice, q, _ = choose_mixed(ids, scores, row, d.config.vocab_size, r.params, r.generator)
                 drafts[r.row].append(choice)
                 if q is not None:

@@ -77,6 +77,17 @@ def add_arguments(p) -> None:
         help="comma list of target layers whose keys the copy head reads (default: the one the drafter's "
         "last layer reads)",
     )
+    p.add_argument(
+        "--copy-follow",
+        action="store_true",
+        help="from depth 2 on, the copy head follows the context positions that agree with the draft",
+    )
+    p.add_argument(
+        "--copy-match",
+        type=int,
+        default=0,
+        help="the copy head also scores exact matches of the last 1..N input tokens (0: none)",
+    )
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seqs-per-step", type=int, default=4)
@@ -166,6 +177,10 @@ def run(a) -> int:
         raise InvalidRequestError(f"--copy-layers {a.copy_layers}: the target has layers 0..{tcfg.num_layers - 1}")
     if len({tcfg.layer_types[i] for i in copy_layers}) > 1:
         raise InvalidRequestError(f"--copy-layers {a.copy_layers}: give layers of one attention type")
+    if (a.copy_follow or a.copy_match) and not a.copy_head:
+        raise InvalidRequestError("--copy-follow and --copy-match shape a copy head: add --copy-head")
+    if not 0 <= a.copy_match <= 8:
+        raise InvalidRequestError(f"--copy-match {a.copy_match}: give 0..8")
     val = build_prompts(llm.tokenizer, items[:N_VAL], max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
     train_items = items[N_VAL : N_VAL + n_train]
     prompts = build_prompts(llm.tokenizer, train_items, max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
@@ -207,6 +222,8 @@ def run(a) -> int:
         centroid_top_k=a.centroid_top_k,
         copy_head=a.copy_head,
         copy_layers=copy_layers,
+        copy_follow=a.copy_follow,
+        copy_match=a.copy_match,
     )
     drafter = MTPDrafter(dcfg).init_weights(0.02, torch.Generator().manual_seed(a.seed))
     init, fit_error = _initialise(

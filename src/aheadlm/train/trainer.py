@@ -140,6 +140,7 @@ def sequence_loss(
     h = H[P - 1][None]
     total = torch.zeros((), device=device)
     metrics = {}
+    ptr = None  # the copy head's pointer of the previous depth
     for j in range(1, cfg.depth + 1):
         valid = (P + j - 1 <= L - 1).float() * weight
         if valid.sum() == 0:
@@ -157,7 +158,11 @@ def sequence_loss(
         logq = torch.log_softmax(ld, -1)
         point = None
         if drafter.copy is not None:
-            logq, *point = copy_terms(drafter.copy, logq, (emb, h_in, h), ctx, x, cand, choice, P)
+            # the round's last input tokens: the known ones up to the anchor, then the depths' inputs
+            back = P[:, None] + j - drafter.copy.recent + torch.arange(drafter.copy.recent, device=device)
+            recent = torch.where(back >= 0, x[back.clamp(0, L - 1)], -1)[None]
+            ptr = drafter.copy(emb, h_in, h, ctx, x[None], recent, ptr)
+            logq, *point = copy_terms(ptr, logq, x, cand, choice, P)
         pt = torch.softmax(lt, -1)
         kl = (pt * (torch.log_softmax(lt, -1) - logq)).sum(-1)
         tok = (kl * valid).sum() / denom
@@ -179,13 +184,14 @@ def sequence_loss(
     return total, metrics, A
 
 
-def copy_terms(copy, logq, rows, ctx: RoundContext, tokens, cand, choice, P):
-    """A copy head's part of one depth -> (log of the mixed distribution (1 - g) q_head + g q_copy
-    over the candidates, the pointer's own negative log-likelihood of the target's choice, whether
-    a slot proposes that token, whether the pointer's heaviest token is it), per anchor. The
-    pointer proposes only the sequence's own tokens, all of them candidates. Its own loss lets it
-    learn to aim while the gate is still shut (through the mixture alone, the gate shuts first)."""
-    ids, w, g = (t[0] for t in copy(*rows, ctx, tokens[None]))
+def copy_terms(ptr, logq, tokens, cand, choice, P):
+    """A copy head's part of one depth, from its `Pointer` -> (log of the mixed distribution
+    (1 - g) q_head + g q_copy over the candidates, the pointer's own negative log-likelihood of the
+    target's choice, whether a known token is that choice, whether the pointer's heaviest token is
+    it), per anchor. The pointer proposes only the sequence's own tokens, all of them candidates.
+    Its own loss lets it learn to aim while the gate is still shut (through the mixture alone, the
+    gate shuts first)."""
+    ids, w, g = ptr.ids(tokens[None])[0], ptr.w[0], ptr.g[0]
     q = torch.zeros_like(logq).scatter_add_(1, torch.searchsorted(cand, ids.contiguous()), w)
     mixed = torch.log(((1 - g)[:, None] * logq.exp() + g[:, None] * q).clamp_min(1e-30))
     known = torch.arange(tokens.numel(), device=P.device)[None] <= P[:, None]  # the tokens up to the query
