@@ -148,6 +148,41 @@ def test_follow_moves_the_agreeing_slots_on(target):
     assert p.src[0, 0, :2].tolist() == [10, 4] and p.w[0, 0, :2].tolist() == [0.0, 1.0]
 
 
+def test_the_draft_loops_path_equals_the_batched_one(target):
+    """`CopyHead.draft_step` (one sequence, following in Python) gives the entries and gate that
+    `forward` with top=COPY_TOP gives, aiming, following, and aiming afresh after a miss."""
+    from aheadlm.copy_head import COPY_TOP
+
+    L = 40
+    positions = torch.tensor([L - 1])
+    head, ctx, rows, _ = pointer_inputs(target, positions, L, copy_follow=True, copy_match=2)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.mul_(0.1)  # flatter scores: more entries carry weight
+        head.follow.copy_(torch.tensor([3.0, -0.5]))
+        head.match.copy_(torch.tensor([1.0, 1.0]))
+    tokens = [3, 4, 5, 6] * (L // 4)  # every token recurs, so entries agree with drafts
+    known = torch.tensor([tokens])
+
+    def entries(src, w):
+        return {int(s): float(x) for s, x in zip(src, w, strict=True) if x > 0}
+
+    with torch.no_grad():
+        prev_t = prev_l = None
+        drafts = []
+        for draft in (None, 3, 9, 4):  # aim; follow the draft 3; 9 agrees with no entry: aim afresh
+            drafts += [draft] if draft is not None else []
+            recent = (tokens[-2:] + drafts)[-2:]
+            r = torch.tensor([[recent]])
+            prev_t = head(*rows, ctx, known, r, prev_t, top=COPY_TOP)
+            prev_l, g = head.draft_step(*rows, ctx, tokens, known, recent, prev_l)
+            got, want = entries(*prev_l), entries(prev_t.src[0, 0], prev_t.w[0, 0])
+            assert got.keys() == want.keys() and len(got) > 0
+            for k in got:
+                assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7)
+            assert g == pytest.approx(float(prev_t.g[0, 0]), rel=1e-5)
+
+
 def test_match_bonus_scores_exact_ngrams(target):
     """With `copy_match`, a position whose preceding tokens equal the round's last inputs gets the
     bonus of each order matched, and with no other signal the pointer aims there."""

@@ -18,6 +18,7 @@ sequence (never drafts), and a gate g weighs it against the head: q = (1 - g) q_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -105,6 +106,26 @@ class CopyHead(nn.Module):
             torch.where(f, _pad(followed.w, n), _pad(fresh.w, n)),
             torch.where(follows, followed.g, fresh.g),
         )
+
+    def draft_step(self, emb, h_in, h_out, ctx: RoundContext, tokens: list[int], known, recent: list[int], prev):
+        """`forward` with top=COPY_TOP for one sequence in a draft round (B = T = 1), with the
+        following done on the at most COPY_TOP entries in Python, which costs a fraction of the
+        tensor ops (tested equal): `tokens` the known sequence (and `known` the same as a [1, L]
+        tensor), `recent` the round's last `self.recent` input tokens, `prev` the previous depth's
+        entries or None -> ((positions, weights), gate) as Python numbers."""
+        u = torch.cat([emb, h_in, h_out], dim=-1)
+        logit = float(self.gate(u))
+        if prev is not None and self.follow is not None:
+            last, tok = len(tokens) - 1, recent[-1]
+            kept = [(s + 1, x) for s, x in zip(*prev, strict=True) if x > 0.0 and s + 1 <= last and tokens[s] == tok]
+            mass = sum(x for _, x in kept)
+            if mass > 0.0:
+                a, b = self.follow.tolist()
+                g = 1.0 / (1.0 + math.exp(-(logit + a * mass / sum(prev[1]) + b)))
+                return ([s for s, _ in kept], [x / mass for _, x in kept]), g
+        src, w = self.aim(u, ctx, known, torch.tensor([[([-1] * self.recent + recent)[-self.recent :]]]), COPY_TOP)
+        src, w = src[0, 0].tolist(), w[0, 0].tolist()
+        return (src, w), (1.0 / (1.0 + math.exp(-logit)) if sum(w) > 0.0 else 0.0)
 
     def aim(self, u, ctx: RoundContext, tokens, recent, top):
         """A fresh pointer: (positions [B, T, N], weights [B, T, N])."""

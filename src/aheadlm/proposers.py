@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import torch
 
 from . import fused
-from .copy_head import COPY_TOP, recent_tokens
 from .drafter import MTPDrafter
 from .kv_cache import KVCache
 from .model import Transformer
@@ -85,21 +84,29 @@ def choose_candidate(ids: torch.Tensor | None, scores: torch.Tensor, vocab_size:
 
 def choose_mixed(ids, scores, pointer, vocab_size: int, params, generator):
     """`choose_candidate` for a drafter with a copy head: the head's distribution (processed as
-    usual) weighted 1 - g plus, weighted g, the pointer's heaviest entries renormalised.
-    `pointer` = (token ids [N], weights [N], g), or None for a drafter without a copy head. A
-    sampled draft's q is exactly this mixture."""
-    if pointer is None or pointer[2] <= 0.0 or float(pointer[1].sum()) <= 0.0:  # the head's choice alone
+    usual) weighted 1 - g plus, weighted g, the pointer's entries renormalised. `pointer` =
+    (token ids, weights, g), the entries as lists or tensors (a draft round keeps at most
+    `COPY_TOP`), or None for a drafter without a copy head. A sampled draft's q is exactly this
+    mixture."""
+    if pointer is None or pointer[2] <= 0.0:  # the head's choice alone
         return choose_candidate(ids, scores, vocab_size, params, generator)
     cids, cw, g = pointer
+    mass: dict[int, float] = {}  # the pointer's weight per token
+    for t, x in zip(_as_list(cids), _as_list(cw), strict=True):
+        if x > 0.0:
+            mass[t] = mass.get(t, 0.0) + x
+    total = sum(mass.values())
+    if total <= 0.0:
+        return choose_candidate(ids, scores, vocab_size, params, generator)
     p = torch.softmax(scores.float(), -1) if params.greedy else processed_probs(scores[None], params)[0]
-    top = cw.topk(min(COPY_TOP, cw.numel()))
-    pointed, weight = cids[top.indices], top.values.to(p.dtype) * (g / float(top.values.sum()))
+    pointed = torch.tensor(list(mass))
+    weight = torch.tensor(list(mass.values()), dtype=p.dtype) * (g / total)
     if params.greedy:  # the best is the head's best or a pointed token; no sort needed
         in_head = (pointed[:, None] == ids[None]).to(p.dtype) @ p if ids is not None else p[pointed]
-        mixed = (pointed[:, None] == pointed[None]).to(p.dtype) @ weight + (1.0 - g) * in_head
+        mixed = weight + (1.0 - g) * in_head
         h = int(p.argmax())
         h_tok = h if ids is None else int(ids[h])
-        h_mass = (1.0 - g) * float(p[h]) + float(weight[pointed == h_tok].sum())
+        h_mass = (1.0 - g) * float(p[h]) + mass.get(h_tok, 0.0) * (g / total)
         j = int(mixed.argmax())
         return (int(pointed[j]), None, float(mixed[j])) if float(mixed[j]) > h_mass else (h_tok, None, h_mass)
     if ids is None:
@@ -108,6 +115,10 @@ def choose_mixed(ids, scores, pointer, vocab_size: int, params, generator):
     m = torch.zeros(every.numel(), dtype=p.dtype).index_add_(0, inverse, torch.cat([p * (1.0 - g), weight]))
     j = sample_one(m, generator)
     return int(every[j]), torch.zeros(vocab_size, dtype=m.dtype).index_copy_(0, every, m), float(m.max())
+
+
+def _as_list(x) -> list:
+    return x.tolist() if isinstance(x, torch.Tensor) else x
 
 
 class MTPProposer(Proposer):
@@ -145,7 +156,7 @@ class MTPProposer(Proposer):
         layers = fused.draft_round(d, ctx) if compiled is not None else None
         known = torch.tensor([state.tokens]) if d.copy is not None else None
         tokens, qs, confs = [], [], []
-        ptr = None
+        ptr = None  # the copy head's entries of the previous depth
         for _ in range(k):
             h_in = h
             if compiled is not None:  # the same numbers as the step and scores below, in one call
@@ -157,9 +168,9 @@ class MTPProposer(Proposer):
             pointer = None
             if d.copy is not None:
                 emb = target.embed_tokens(torch.tensor([[tok]])).to(h.dtype)
-                recent = recent_tokens([state.tokens + tokens], d.copy.recent)
-                ptr = d.copy(emb, h_in[:, None], h[:, None], ctx, known, recent, ptr, top=COPY_TOP)
-                pointer = (ptr.ids(known)[0, 0], ptr.w[0, 0], float(ptr.g[0, 0]))
+                recent = (state.tokens[-d.copy.recent :] + tokens)[-d.copy.recent :]
+                ptr, g = d.copy.draft_step(emb, h_in[:, None], h[:, None], ctx, state.tokens, known, recent, ptr)
+                pointer = ([state.tokens[s] for s in ptr[0]], ptr[1], g)
             choice, q, conf = choose_mixed(ids, scores, pointer, d.config.vocab_size, params, generator)
             if conf < self.threshold:
                 break
