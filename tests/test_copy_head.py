@@ -18,6 +18,7 @@ from aheadlm.drafter import (
 )
 from aheadlm.engine import Engine
 from aheadlm.errors import DrafterMismatchError, InvalidRequestError
+from aheadlm.kernels import cpu_kernels
 from aheadlm.kv_cache import AttnView
 from aheadlm.model import rope_tables
 from aheadlm.proposers import MTPProposer, choose_mixed
@@ -49,10 +50,11 @@ def pointer_inputs(target, positions: torch.Tensor, length: int, seed=0, **kw):
     for p in head.parameters():
         torch.nn.init.normal_(p, 0.0, 0.3, generator=g)
     t = head.sources[0]
-    n, d = cfg.type_kv_heads(t), cfg.type_head_dim(t)
+    lt = cfg.key_type(t)
+    n, d = cfg.type_kv_heads(lt), cfg.type_head_dim(lt)
     k = torch.randn(1, n, length, d, generator=g)
     view = AttnView(None, length, positions[None], torch.arange(length)[None], None, True)
-    rope = rope_tables(getattr(target, f"inv_freq_{t}"), positions[None], torch.float32)
+    rope = rope_tables(getattr(target, f"inv_freq_{lt}"), positions[None], torch.float32)
     ctx = RoundContext({t: rope}, {t: (k, k, view)})
     rows = [torch.randn(1, len(positions), cfg.target_hidden, generator=g) for _ in range(3)]
     tokens = torch.randint(0, 100, (1, length + 1), generator=g)
@@ -181,6 +183,38 @@ def test_the_draft_loops_path_equals_the_batched_one(target):
             for k in got:
                 assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-7)
             assert g == pytest.approx(float(prev_t.g[0, 0]), rel=1e-5)
+
+
+@pytest.mark.skipif(cpu_kernels() is None, reason="needs the compiled CPU kernels")
+@pytest.mark.parametrize("sources", [1, 2])
+def test_compiled_aim_equals_the_tensor_ops(target, sources):
+    """A draft round's aim of one row runs as one compiled call (`copy_aim`); it gives the entries
+    the tensor ops give (with match bonuses, masks and several key sources)."""
+    from aheadlm.copy_head import COPY_TOP
+
+    types = target.config.layer_types
+    layers = tuple(i for i, t in enumerate(types) if t == types[-1])[-sources:]
+    L = 30
+    head, ctx, rows, tokens = pointer_inputs(target, torch.tensor([L - 1]), L, copy_match=2, copy_layers=layers)
+    t = head.sources[0]
+    k, v, view = ctx.kv[t]
+    for key in head.sources:  # every source reads the same slots (its own keys)
+        g = torch.Generator().manual_seed(len(key))
+        ctx.kv[key] = (torch.randn(k.shape, generator=g), v, view)
+        ctx.rope[key] = ctx.rope[t]
+    tokens = torch.tensor([[3, 4, 5] * 10])
+    recent = torch.tensor([[[4, 5]]])
+    with torch.no_grad():
+        head.match.copy_(torch.tensor([0.7, 1.3]))
+        u = torch.cat(rows, -1)
+        compiled = head.aim(u, ctx, tokens, recent, COPY_TOP)
+    with torch.enable_grad():  # the trainer's path: tensor ops
+        ops = head.aim(u, ctx, tokens, recent, COPY_TOP)
+    got = {int(s): float(w) for s, w in zip(compiled[0][0, 0], compiled[1][0, 0], strict=True) if w > 1e-6}
+    want = {int(s): float(w) for s, w in zip(ops[0][0, 0], ops[1][0, 0].detach(), strict=True) if w > 1e-6}
+    assert got.keys() == want.keys() and len(got) > 3
+    for s in got:
+        assert got[s] == pytest.approx(want[s], rel=1e-4, abs=1e-6)
 
 
 def test_match_bonus_scores_exact_ngrams(target):

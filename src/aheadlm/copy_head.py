@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from . import fused
+from .kernels import cpu_kernels
 from .model import apply_rope
 
 if TYPE_CHECKING:
@@ -132,13 +134,23 @@ class CopyHead(nn.Module):
         (B, T, _), n, d = u.shape, self.kv_heads, self.head_dim
         qs = self.q(u).view(B, T, len(self.sources), 2 * n, d)
         view = ctx.kv[self.sources[0]][2]  # one attention type: every source has the same slots
-        s = 0.0
+        scale = (len(self.sources) * n * d) ** -0.5
+        qr = []
         for i, key in enumerate(self.sources):
             k = ctx.kv[key][0]
             cos, sin = ctx.rope[key]
-            q = apply_rope(qs[:, :, i].transpose(1, 2).to(k.dtype).contiguous(), cos, sin).view(B, 2, n, T, d)
-            s = s + torch.einsum("bontd,bnsd->btos", q, k)  # [B, T, 2, S]
-        s = (s * (len(self.sources) * n * d) ** -0.5).reshape(B, T, -1).float()
+            qr.append(apply_rope(qs[:, :, i].transpose(1, 2).to(k.dtype).contiguous(), cos, sin).view(B, 2, n, T, d))
+        kernels = cpu_kernels() if top is not None and B * T == 1 and fused.takes(u) else None
+        if kernels is not None and fused.float32_kv(ctx):  # a draft round's one row: one compiled call
+            match = self.match.detach() if self.match is not None else torch.zeros(0)
+            keys = [ctx.kv[key][0] for key in self.sources]
+            q1 = torch.stack([q[0, :, :, 0] for q in qr])  # [sources, 2, n, d]
+            src, w = kernels.copy_aim(q1, keys, view.kpos, int(view.qpos), tokens[0], recent[0, 0], match, scale, top)
+            return src.view(1, 1, -1), w.view(1, 1, -1)
+        s = 0.0
+        for key, q in zip(self.sources, qr, strict=True):
+            s = s + torch.einsum("bontd,bnsd->btos", q, ctx.kv[key][0])  # [B, T, 2, S]
+        s = (s * scale).reshape(B, T, -1).float()
         kpos, qpos = view.kpos[:, None, None], view.qpos[:, :, None, None]  # [B, 1, 1, S], [B, T, 1, 1]
         src = torch.stack([kpos, kpos + 1], dim=2)[:, :, :, 0]  # [B, 1, 2, S] the position each head copies
         # written slots strictly before the query, proposing a known token (not a draft)

@@ -1,8 +1,8 @@
 // CPU kernels for decoding and verification, as a PyTorch extension: small-batch matrix products
 // with compact weights (gemm.h), attention, RMSNorm and RoPE over a few rows (rows.h), and a whole
-// decoder layer (block.h) or MTP draft step (draft.h) in one call. Every op computes each row
-// independently of the others (batch-invariant), so verifying draft tokens gives bit-identical
-// results to decoding them one by one.
+// decoder layer (block.h), MTP draft step (draft.h) or copy head's aim (copy.h) in one call. Every
+// op computes each row independently of the others (batch-invariant), so verifying draft tokens
+// gives bit-identical results to decoding them one by one.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "block.h"
+#include "copy.h"
 #include "draft.h"
 #include "gemm.h"
 #include "rows.h"
@@ -104,6 +105,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "row-wise RMSNorm (float32)");
   m.def("rope", &rope, "rotary embedding, rotate-half form (float32, bit-identical to the tensor ops)");
   m.def("attention", &attention, "batch-invariant attention of a few query rows over a KV cache");
+  m.def("copy_aim", &copy_aim, "a copy head's fresh pointer for one query row: (positions, weights)");
   py::class_<Linear>(m, "Linear")
       .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t>(), py::arg("w"),
            py::arg("scale"), py::arg("offset"), py::arg("block"), py::arg("bits") = 8, py::arg("zero") = 0)
