@@ -1,4 +1,4 @@
-"""Trial: does a copy head (`drafter.CopyHead`, a pointer over the context) let the MTP drafter copy?
+"""Trial: does a copy head (`copy_head.CopyHead`, a pointer over the context) let the MTP drafter copy?
 
     python benchmarks/copy_head_trial.py --out runs/ft-P
     python benchmarks/copy_rounds.py --drafter runs/ft-P --limit 1 --max-tokens 128 --json out.json

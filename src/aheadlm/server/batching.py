@@ -229,7 +229,7 @@ class BatchEngine:
                 emb = self.model.embed_tokens(tok[:, None].to(self.device)).to(h.dtype)
                 chains = [[] for _ in range(B)]
                 for r in active:
-                    chains[r.row] = r.tokens + drafts[r.row]
+                    chains[r.row] = r.tokens[-d.copy.recent :] + drafts[r.row]
                 recent = recent_tokens(chains, d.copy.recent).to(self.device)
                 ptr = d.copy(emb, h_in[:, None], h[:, None], ctx, known, recent, ptr, top=COPY_TOP)
                 cids = ptr.ids(known)
