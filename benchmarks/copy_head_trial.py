@@ -69,6 +69,12 @@ tau 3.17 against the shipped drafter's 1.23x and 1.76, `ngram+`FM 2.44x against 
 (adaptive k, 40 fresh prompts), so SmolLM2 still ships none and the temperature-0.7 run was not
 made (docs/training.md).
 
+Sixth (written before its run): does FM gain from more steps? `runs/ft-FM-long`, a copy of
+`runs/ft-FM` resumed to `--follow --match 3 --steps 600` (300 more steps; the cosine schedule
+restarts at its midpoint). It replaces the shipped drafter (FM, 4 kept clusters) only if, with 4
+kept clusters, it alone at k = 4 is at least 1.05x the shipped drafter alone in one Spec-Bench run
+(26 prompts, 256 tokens, greedy) and `ngram+` it is no more than 2% below the default.
+
 Pre-registered rule (written before the run; C0's numbers are deterministic and on record in
 docs/results/long_prompt_trial_*_C0.json):
 - go on to a full Spec-Bench run only if, on `copy_rounds.py --limit 1 --max-tokens 128`, the copy
