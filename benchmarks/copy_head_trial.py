@@ -75,6 +75,12 @@ restarts at its midpoint). It replaces the shipped drafter (FM, 4 kept clusters)
 kept clusters, it alone at k = 4 is at least 1.05x the shipped drafter alone in one Spec-Bench run
 (26 prompts, 256 tokens, greedy) and `ngram+` it is no more than 2% below the default.
 
+Result: tau 3.78 and 1.83x alone against 3.15 and 1.66x, 0.997x behind lookup; it shipped.
+
+Seventh (written before its run): 300 steps more again, `runs/ft-FM-900`, a copy of
+`runs/ft-FM-long` resumed to `--steps 900`, under the same rule against the drafter shipped now
+(FM at 600 steps).
+
 Pre-registered rule (written before the run; C0's numbers are deterministic and on record in
 docs/results/long_prompt_trial_*_C0.json):
 - go on to a full Spec-Bench run only if, on `copy_rounds.py --limit 1 --max-tokens 128`, the copy
