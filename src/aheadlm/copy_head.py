@@ -125,7 +125,7 @@ class CopyHead(nn.Module):
                 a, b = self.follow.tolist()
                 g = 1.0 / (1.0 + math.exp(-(logit + a * mass / sum(prev[1]) + b)))
                 return ([s for s, _ in kept], [x / mass for _, x in kept]), g
-        src, w = self.aim(u, ctx, known, torch.tensor([[([-1] * self.recent + recent)[-self.recent :]]]), COPY_TOP)
+        src, w = self.aim(u, ctx, known, recent_tokens([recent], self.recent), COPY_TOP)
         src, w = src[0, 0].tolist(), w[0, 0].tolist()
         return (src, w), (1.0 / (1.0 + math.exp(-logit)) if sum(w) > 0.0 else 0.0)
 

@@ -69,7 +69,7 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--copy-head",
         action="store_true",
-        help="add a copy head, a pointer over the context mixed into the head (experimental, docs/training.md)",
+        help="add a copy head, a pointer over the context mixed into the head (docs/training.md)",
     )
     p.add_argument(
         "--copy-layers",
