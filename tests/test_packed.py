@@ -27,7 +27,7 @@ def random_qtensor(n, k, block, offset, seed=0):
 def test_q8_matches_dense(block, offset, m):
     w = random_qtensor(37, 96, block, offset)
     x = torch.randn(m, 96)
-    got = PackedLinear(w)(x)
+    got = PackedLinear(w, integer=False)(x)
     ref = x @ w.dequantize().t()
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
@@ -40,7 +40,7 @@ def test_4bit_blocks_are_bit_identical_to_int8(zero, offset):
     q = torch.randint(0, 16, (45, 96), dtype=torch.int8, generator=g) - zero
     off = torch.randn(45, 3, generator=g) * 0.01 if offset else None
     w = QTensor(q, torch.rand(45, 3, generator=g) * 0.01, off, 32)
-    four, eight = PackedLinear(w), PackedLinear(w, nibbles=False)
+    four, eight = PackedLinear(w), PackedLinear(w, nibbles=False, integer=False)
     assert (four.bits, four.zero, four.q.shape) == (4, zero, (45, 48)) and eight.bits == 8
     assert torch.equal(four.qtensor().q, q) and torch.equal(four.dense_weight(), w.dequantize())
     ids = torch.tensor([[44, 0], [7, 7]])
@@ -51,7 +51,7 @@ def test_4bit_blocks_are_bit_identical_to_int8(zero, offset):
     x = torch.randn(96, generator=g)
     assert torch.equal(four.rows_linear(x, ids[0]), eight.rows_linear(x, ids[0]))
     # values outside a 16-integer span stay int8
-    assert PackedLinear(QTensor(q * 2, w.scale, off, 32)).bits == 8
+    assert PackedLinear(QTensor(q * 2, w.scale, off, 32), integer=False).bits == 8
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 12, 40])
@@ -63,9 +63,10 @@ def test_bf16_matches_dense(m):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("integer", [False, None])
 @pytest.mark.parametrize("fmt", ["q8-32", "q8-16-offset", "q4-offset", "bf16"])
 @pytest.mark.parametrize("k", [80, 640])
-def test_rows_do_not_depend_on_the_batch(fmt, k):
+def test_rows_do_not_depend_on_the_batch(fmt, k, integer):
     """Each row of a batched product is bit-identical to that row alone (decode = verify = prefill):
     the lossless promise rests on it, whatever vector width the kernels were built with."""
     if fmt == "bf16":
@@ -78,7 +79,7 @@ def test_rows_do_not_depend_on_the_batch(fmt, k):
             w.q = w.q.abs().clamp_max(15)
     if isinstance(w, QTensor) and k % w.block:
         pytest.skip("K must hold whole blocks")
-    lin = PackedLinear(w)
+    lin = PackedLinear(w, integer=integer)
     assert lin.bits == (4 if fmt == "q4-offset" else 8)
     x = torch.randn(70, k)
     alone = torch.cat([lin(x[i : i + 1]) for i in range(70)])
@@ -89,7 +90,7 @@ def test_rows_do_not_depend_on_the_batch(fmt, k):
 @pytest.mark.parametrize("fmt", ["q8", "q8-offset", "bf16"])
 def test_rows_linear_reads_rows_in_place(fmt):
     w = torch.randn(300, 64).bfloat16() if fmt == "bf16" else random_qtensor(300, 64, 32, "offset" in fmt)
-    lin = PackedLinear(w)
+    lin = PackedLinear(w, rows=True, integer=False)
     x = torch.randn(64)
     ids = torch.tensor([299, 0, 7, 7, 150])
     dense = w.float() if fmt == "bf16" else w.dequantize()
@@ -267,3 +268,61 @@ def test_compiled_draft_layers_are_bit_identical_to_the_per_op_path(arch, tmp_pa
         assert out[0].tokens == out[1].tokens and out[0].confidences == out[1].confidences
         assert (out[0].probs is None) == params.greedy
         assert params.greedy or torch.equal(out[0].probs, out[1].probs)
+
+
+int_products = pytest.mark.skipif(
+    cpu_kernels() is None or not cpu_kernels().int_products_compiled(), reason="no AVX-512 VNNI in this build"
+)
+
+
+@int_products
+@pytest.mark.parametrize("block,offset", [(32, False), (16, False), (32, True), (16, True)])
+@pytest.mark.parametrize("n,k", [(37, 96), (4099, 576), (16, 640)])
+def test_integer_products_are_close_to_float32_and_batch_invariant(block, offset, n, k):
+    """Integer products round x to 16-bit integers per block of 32: outputs stay within 2e-4 of the
+    largest float32 one, typically 5e-5 (6e-4 for a row with a 200-sigma outlier), and each row of a batch
+    is bit-identical to that row alone (chunks of 8 rows, slabs, any M), so verification still
+    matches decoding exactly."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    off = torch.randn(n, k // block, generator=g) * 0.01 if offset else None
+    w = QTensor(q, torch.rand(n, k // block, generator=g) * 0.01, off, block)
+    lin = PackedLinear(w)
+    assert lin.ints is not None and lin.linear is None and lin.q is None  # one regrouped copy only
+    x = torch.randn(70, k, generator=g)
+    x[3, 5] = 200.0  # one outlier: only its block's rounding gets coarser
+    x[4, :32] = 0.0
+    got, ref = lin(x), (x.double() @ w.dequantize().double().t())
+    err = (got.double() - ref).abs().amax(dim=1) / ref.abs().amax(dim=1)
+    assert err[3] < 6e-4 and torch.cat([err[:3], err[4:]]).max() < 2e-4, err
+    alone = torch.cat([lin(x[i : i + 1]) for i in range(70)])
+    for m in (2, 5, 8, 9, 16, 37, 70):
+        assert torch.equal(lin(x[:m]), alone[:m]), m
+    assert torch.equal(lin(torch.zeros(1, k)), torch.zeros(1, n))
+    x[0, 7] = float("nan")
+    assert lin(x[:1]).isnan().all() and not lin(x[1:2]).isnan().any()
+    # the weights come back exactly, for exports, fusing and row reads
+    back = lin.qtensor()
+    assert torch.equal(back.q, q) and torch.equal(back.scale, w.scale)
+    assert (back.offset is None) == (off is None) and (off is None or torch.equal(back.offset, off))
+    ids = torch.tensor([n - 1, 0, 3])
+    assert torch.equal(lin.rows(ids), w.dequantize()[ids])
+    torch.testing.assert_close(lin.rows_linear(x[1], ids), w.dequantize()[ids] @ x[1])
+
+
+@int_products
+def test_tied_head_keeps_rows_and_uses_integer_products_unless_turned_off(monkeypatch):
+    from aheadlm.packed import PackedEmbedding
+
+    w = random_qtensor(300, 64, 32, False)
+    x = torch.randn(2, 3, 64)
+    emb = PackedEmbedding(w, head=True)
+    assert emb.table.ints is not None and emb.table.linear is not None  # products and rows
+    assert torch.equal(emb.attend(x), emb.table.ints(x.reshape(6, 64)).reshape(2, 3, 300))
+    torch.testing.assert_close(emb.attend(x), x @ w.dequantize().t(), atol=1e-3, rtol=1e-3)
+    ids = torch.tensor([7, 299])
+    assert torch.equal(emb(ids), w.dequantize()[ids])
+    assert torch.equal(emb.rows_linear(x[0, 0], ids), emb.table.linear(x[0, 0][None], ids)[0])  # in place
+    assert PackedEmbedding(w).table.ints is None  # a plain table (Gemma 4's per-layer one) keeps rows only
+    monkeypatch.setenv("AHEADLM_INT_PRODUCTS", "0")
+    assert PackedEmbedding(w, head=True).table.ints is None and PackedLinear(w).ints is None

@@ -5,6 +5,7 @@ import torch
 
 import aheadlm
 from aheadlm.kv_cache import KVCache
+from aheadlm.packed import int_products
 
 from helpers import hf_reference
 
@@ -36,34 +37,55 @@ MODELS = ["gemma3-270m", "smollm2-135m"]
 def models(request):
     hf, hf_tok = hf_reference(request.param)
     ours = aheadlm.load(request.param, dtype="float32", device="cpu")
-    return ours, hf, hf_tok
+    return ours, hf, hf_tok, request.param
+
+
+@pytest.fixture(scope="module")
+def float_products(models):
+    """The model with every product in float32 (AHEADLM_INT_PRODUCTS=0), or None where the
+    default already is (a build without integer products)."""
+    if not int_products():
+        return None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AHEADLM_INT_PRODUCTS", "0")
+        return aheadlm.load(models[3], dtype="float32", device="cpu")
 
 
 def test_tokenizer_matches(models):
-    ours, _, hf_tok = models
+    ours, _, hf_tok, _ = models
     for text in PROMPTS + [TEXT, "  leading spaces\tand\ttabs\n\nünïcödé 日本語 🙂"]:
         assert ours.tokenizer.encode(text) == hf_tok(text)["input_ids"], text
         ids = ours.tokenizer.encode(text)
         assert ours.tokenizer.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True)
 
 
-def test_logits_256_tokens(models):
-    ours, hf, _ = models
+def test_logits_256_tokens(models, float_products):
+    """Float32 products stay within 2e-4 of the largest logit; the integer products (the default
+    where the build has them) round each linear's input to 16 bits per block of 32 columns, which
+    over 18-30 layers stays within 5e-4."""
+    ours, hf, _, _ = models
     ids = ours.tokenizer.encode(TEXT * 2)[:256]
     assert len(ids) == 256
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
-        cache = KVCache(ours.config, 256)
-        got, _ = ours.engine.model(torch.tensor([ids]), torch.arange(256)[None], cache)
-    err = (got[0] - ref).abs().max().item()
-    scale = ref.abs().max().item()
-    assert err < 2e-3 * max(1.0, scale / 10), (err, scale)
-    assert torch.equal(got[0].argmax(-1), ref.argmax(-1))
+    variants = [(ours, 2e-3)] if float_products is None else [(ours, 5e-3), (float_products, 2e-3)]
+    for model, tol in variants:
+        with torch.no_grad():
+            got, _ = model.engine.model(torch.tensor([ids]), torch.arange(256)[None], KVCache(model.config, 256))
+        err = (got[0] - ref).abs().max().item()
+        scale = ref.abs().max().item()
+        assert err < tol * max(1.0, scale / 10), (err, scale, tol)
+        assert torch.equal(got[0].argmax(-1), ref.argmax(-1))
 
 
-def test_greedy_64_identical(models):
-    ours, hf, _ = models
+def test_greedy_64_identical(models, float_products):
+    """Greedy continuations equal transformers' token for token with float32 products. Integer
+    products may flip a near-tie: they must agree for at least 32 tokens of each prompt and in all
+    but one prompt in full (measured: 15 of 16 prompt runs identical over 128 tokens)."""
+    ours, hf, _, _ = models
     eos = ours.tokenizer.eos_id
+    exact = ours if float_products is None else float_products
+    short = 0
     for prompt in PROMPTS:
         ids = ours.tokenizer.encode(prompt)
         with torch.no_grad():
@@ -76,8 +98,13 @@ def test_greedy_64_identical(models):
             )[0, len(ids) :].tolist()
         if ref and ref[-1] == eos:
             ref = ref[:-1]
-        got = ours.generate(ids, max_tokens=64, stop_token_ids=[eos], ignore_eos=True)
-        assert got.token_ids == ref, prompt
+        assert exact.generate(ids, max_tokens=64, stop_token_ids=[eos], ignore_eos=True).token_ids == ref, prompt
+        if exact is not ours:
+            got = ours.generate(ids, max_tokens=64, stop_token_ids=[eos], ignore_eos=True).token_ids
+            same = next((j for j, (a, b) in enumerate(zip(got, ref, strict=False)) if a != b), min(len(got), len(ref)))
+            assert same >= min(32, len(ref)), (prompt, same)
+            short += got != ref
+    assert short <= 1
 
 
 def test_fresh_conversion_matches_cache(tmp_path, monkeypatch):

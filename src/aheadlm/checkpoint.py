@@ -138,11 +138,14 @@ def build_model(
         compact = isinstance(t, QTensor) or t.dtype == torch.bfloat16
         if packed and compact and name.endswith(".weight") and packable(t):
             if isinstance(module, Embedding):
-                _replace_module(model, module_path, PackedEmbedding(t, nibbles))
+                head = module_path == "embed" and config.tie_embeddings
+                _replace_module(model, module_path, PackedEmbedding(t, nibbles, head=head))
                 done.add(name)
                 continue
             if isinstance(module, nn.Linear):
-                _replace_module(model, module_path, PackedLinear(t, nibbles=nibbles))
+                # an output head keeps its rows too: clustered draft heads score rows of it
+                rows = module_path == "lm_head"
+                _replace_module(model, module_path, PackedLinear(t, nibbles=nibbles, rows=rows))
                 done.add(name)
                 continue
         state[name] = dense(t).to(device=device, dtype=dtype)

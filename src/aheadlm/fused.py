@@ -41,6 +41,11 @@ def run(layer, x: torch.Tensor, rope, k: torch.Tensor, v: torch.Tensor, view) ->
 
 def _linear(m: nn.Module | None):
     """The kernels' form of a packed projection without bias, or None."""
+    return m.kernel if isinstance(m, PackedLinear) and m.bias is None else None
+
+
+def _rows(m: nn.Module | None):
+    """The kernels' row-readable form of a packed table or head without bias, or None."""
     return m.linear if isinstance(m, PackedLinear) and m.bias is None else None
 
 
@@ -138,8 +143,8 @@ def compile_drafter(drafter: nn.Module, target: nn.Module):
     if any(layer.compiled is None for layer in drafter.layers) or not isinstance(target.embed, PackedEmbedding):
         return None
     head = target.embed.table if target.lm_head is None else target.lm_head
-    parts = [_linear(m) for m in (target.embed.table, drafter.pre_projection, drafter.post_projection)]
-    parts += [_linear(m) for m in (drafter.centroids, head)]
+    parts = [_rows(target.embed.table), _linear(drafter.pre_projection), _linear(drafter.post_projection)]
+    parts += [_linear(drafter.centroids), _rows(head)]
     if any(p is None for p in parts):
         return None
     embed, pre, post, centroids, head = parts

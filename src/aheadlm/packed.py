@@ -3,6 +3,7 @@ bfloat16, multiplied with float32 activations by the compiled kernels in `aheadl
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -74,17 +75,42 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.cat([b & 15, b >> 4], dim=-2).reshape(*p.shape[:-1], -1).to(torch.int8)
 
 
+def int_products() -> bool:
+    """Whether int8 weights multiply with integer dot products (`kernels/intgemm.h`): where the
+    kernels were built with AVX-512 VNNI, unless AHEADLM_INT_PRODUCTS=0. They round each row of x
+    to 16-bit integers per block of 32, so outputs differ from the float32 products by about 2e-5
+    of the largest, and a few rows cost about what one does: verifying k drafts then costs little
+    more than a decode step. Each row is still computed alone (batch-invariant)."""
+    if os.environ.get("AHEADLM_INT_PRODUCTS", "1") == "0":
+        return False
+    kernels = cpu_kernels()
+    return kernels is not None and kernels.int_products_compiled()
+
+
 class PackedLinear(nn.Module):
     """y = x @ W^T (+ b) with W as a QTensor or bfloat16, float32 activations. Int8 blocks of 32
     whose values span at most 16 integers (GGUF's 4-bit formats) are kept two values to a byte
-    (`bits` 4), which halves the bytes a decode step streams; the products are bit-identical."""
+    (`bits` 4), which halves the bytes a decode step streams; their products are bit-identical to
+    float32 math on the dequantized weights. Other int8 weights use the integer products where the
+    build has them (`integer`, default `int_products()`) and are then kept only in their regrouped
+    form, unless `rows` keeps the rows too (for embedding lookups and draft heads that read rows)."""
 
-    def __init__(self, weight: QTensor | torch.Tensor, bias: torch.Tensor | None = None, nibbles: bool = True):
+    def __init__(
+        self,
+        weight: QTensor | torch.Tensor,
+        bias: torch.Tensor | None = None,
+        nibbles: bool = True,
+        integer: bool | None = None,
+        rows: bool = False,
+    ):
         super().__init__()
         self.kernels = cpu_kernels()
         self.in_features = weight.shape[1]
         self.out_features = weight.shape[0]
         self.bits, self.zero = 8, 0
+        self.linear = self.ints = None
+        for name in ("q", "scale", "offset", "w16"):  # the buffers this weight's form keeps
+            self.register_buffer(name, None)
         if isinstance(weight, QTensor):
             self.block = weight.block
             q = weight.q
@@ -93,18 +119,26 @@ class PackedLinear(nn.Module):
                 zero = 0 if lo >= 0 and hi <= 15 else 8 if lo >= -8 and hi <= 7 else None
                 if zero is not None:
                     self.bits, self.zero, q = 4, zero, pack_nibbles(q.to(torch.int16) + zero)
-            self.register_buffer("q", q.contiguous())
-            self.register_buffer("scale", weight.scale.float().contiguous())
-            offset = weight.offset if weight.offset is not None else torch.empty(0)
-            self.register_buffer("offset", offset.float().contiguous())
-            self.w16 = None
-            self.linear = self.kernels.Linear(self.q, self.scale, self.offset, self.block, self.bits, self.zero)
+            q = q.contiguous()
+            scale = weight.scale.float().contiguous()
+            offset = (weight.offset if weight.offset is not None else torch.empty(0)).float().contiguous()
+            integer = int_products() if integer is None else integer
+            if integer and self.bits == 8 and self.block in (16, 32) and self.in_features % 32 == 0:
+                self.ints = self.kernels.Linear(q, scale, offset, self.block, 8, 0, True)
+            if rows or self.ints is None:
+                self.q, self.scale, self.offset = q, scale, offset
+                self.linear = self.kernels.Linear(self.q, self.scale, self.offset, self.block, self.bits, self.zero)
         else:
             self.block = 0
-            self.register_buffer("w16", weight.to(torch.bfloat16).contiguous())
+            self.w16 = weight.to(torch.bfloat16).contiguous()
             empty = torch.empty(0)
             self.linear = self.kernels.Linear(self.w16, empty, empty, 0)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    @property
+    def kernel(self):
+        """The kernels' Linear that computes `forward` (integer form where there is one)."""
+        return self.ints if self.ints is not None else self.linear
 
     def dense_weight(self) -> torch.Tensor:
         return self.qtensor().dequantize() if self.block else self.w16.float()
@@ -112,6 +146,9 @@ class PackedLinear(nn.Module):
     def rows_linear(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [H] @ W[ids]^T -> [n]: scores against a subset of rows (a clustered draft head). The
         kernels read the rows in place: copying them out first added about a quarter to the time."""
+        if self.linear is None:  # integer form only: rows come back through unpack (slow, rare)
+            y = self.rows(ids) @ x.float()
+            return y if self.bias is None else y + self.bias.index_select(0, ids)
         y = self.linear(x.float()[None], ids.long().contiguous())
         return y[0] if self.bias is None else y[0] + self.bias.index_select(0, ids)
 
@@ -122,15 +159,15 @@ class PackedLinear(nn.Module):
     def qtensor(self, rows: torch.Tensor | None = None) -> QTensor:
         """The weights (or rows `rows` of them) as an int8 QTensor."""
         pick = (lambda t: t) if rows is None else (lambda t: t[rows])  # noqa: E731
-        q = pick(self.q)
+        q, scale, offset = (self.q, self.scale, self.offset) if self.q is not None else self.ints.unpack()
+        q = pick(q)
         if self.bits == 4:
             q = (unpack_nibbles(q).to(torch.int16) - self.zero).to(torch.int8)
-        offset = pick(self.offset) if self.offset.numel() else None
-        return QTensor(q, pick(self.scale), offset, self.block)
+        return QTensor(q, pick(scale), pick(offset) if offset.numel() else None, self.block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = self.linear(x.reshape(-1, shape[-1]).float())
+        y = self.kernel(x.reshape(-1, shape[-1]).float())
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -152,11 +189,13 @@ def dense_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class PackedEmbedding(nn.Module):
-    """Embedding lookups (and the tied output head) from a packed table."""
+    """Embedding lookups (and, with `head`, the tied output head) from a packed table. The table
+    keeps its rows for lookups and draft heads; a head also gets the integer form for its products
+    (a second copy of the table, where the build has integer products)."""
 
-    def __init__(self, weight: QTensor | torch.Tensor, nibbles: bool = True):
+    def __init__(self, weight: QTensor | torch.Tensor, nibbles: bool = True, head: bool = False):
         super().__init__()
-        self.table = PackedLinear(weight, nibbles=nibbles)
+        self.table = PackedLinear(weight, nibbles=nibbles, integer=None if head else False, rows=True)
 
     @property
     def weight(self) -> torch.Tensor:

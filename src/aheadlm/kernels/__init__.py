@@ -36,6 +36,8 @@ def _build_flags() -> tuple[str, ...]:
     flags = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp")
     if os.environ.get("AHEADLM_AVX512", "1") != "0" and "avx512f" in _cpu_flags():
         flags += ("-mavx512f",)
+        if {"avx512bw", "avx512_vnni"} <= _cpu_flags():
+            flags += ("-mavx512bw", "-mavx512vnni")
     return flags
 
 

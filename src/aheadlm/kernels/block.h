@@ -8,27 +8,40 @@
 
 #include <torch/extension.h>
 
+#include <memory>
 #include <optional>
 #include <vector>
 
 #include "gemm.h"
+#include "intgemm.h"
 
 namespace aheadlm {
 
 // A linear layer's weights in one kernel format, fixed at construction: block-scaled int8 (block
 // 16 or 32, optional offsets), the same with 4-bit values packed two to a byte (`bits` 4, values
-// minus `zero`), or bfloat16 (block 0).
+// minus `zero`), or bfloat16 (block 0). With `integer`, int8 weights are kept only in IntLinear's
+// regrouped form and multiplied with integer dot products (intgemm.h); rows are then not readable
+// in place (`run_rows`, `row`), and `unpack` gives the weights back.
 struct Linear {
   torch::Tensor w, scale, offset;
   int64_t block = 0, N = 0, K = 0, bits = 8, zero = 0;
+  std::shared_ptr<const IntLinear> ints;
 
   Linear(torch::Tensor w_, torch::Tensor scale_, torch::Tensor offset_, int64_t block_, int64_t bits_ = 8,
-         int64_t zero_ = 0)
+         int64_t zero_ = 0, bool integer = false)
       : w(w_.contiguous()), scale(scale_.contiguous()), offset(offset_.contiguous()), block(block_), bits(bits_),
         zero(zero_) {
     TORCH_CHECK(w.dim() == 2, "Linear: 2-D weights");
     N = w.size(0);
     K = bits == 4 ? 2 * w.size(1) : w.size(1);
+    if (integer) {
+      TORCH_CHECK(int_products_compiled(), "Linear: this build has no integer products (AVX-512 VNNI)");
+      TORCH_CHECK(bits == 8 && w.scalar_type() == torch::kInt8 && (block == 16 || block == 32) && K % 32 == 0,
+                  "Linear: integer products take int8 weights in blocks of 16 or 32, K % 32 == 0");
+      ints = std::make_shared<const IntLinear>(w, scale, offset, block);
+      w = scale = offset = torch::Tensor();
+      return;
+    }
     if (bits == 4) {
       TORCH_CHECK(w.scalar_type() == torch::kUInt8 && block == 32 && K % 32 == 0 && (zero == 0 || zero == 8),
                   "Linear: 4-bit weights are uint8 pairs in blocks of 32, zero 0 or 8");
@@ -44,11 +57,19 @@ struct Linear {
 
   // y[M, N] = x[M, K] @ W^T.
   void run(const float* x, int64_t M, float* y) const {
+    if (ints) return ints->run(x, M, y);
     with_format([&](const auto& f) { gemm(f, x, M, K, N, y); });
+  }
+
+  // (q, scale, offset) of an integer-form Linear, rows as they were given.
+  std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> unpack() const {
+    TORCH_CHECK(ints, "Linear: unpack is for integer-form weights");
+    return ints->unpack();
   }
 
   // y[M, n] = x[M, K] @ W[ids]^T for n row ids, read in place.
   void run_rows(const float* x, int64_t M, const int64_t* ids, int64_t n, float* y) const {
+    TORCH_CHECK(!ints, "Linear: integer-form weights have no rows to read in place");
     TORCH_CHECK(std::all_of(ids, ids + n, [this](int64_t i) { return i >= 0 && i < N; }), "Linear: row id out of range");
     with_format([&](const auto& f) { gemm(Indexed<std::decay_t<decltype(f)>>{f, ids}, x, M, K, n, y); });
   }
@@ -71,6 +92,7 @@ struct Linear {
 
   // Row n as float32 (K values), rounded as the dequantizer rounds it: q * scale (+ offset).
   void row(int64_t n, float* out) const {
+    TORCH_CHECK(!ints, "Linear: integer-form weights have no rows to read in place");
     with_format([&](const auto& f) { widen_row(f, n, K, out); });
   }
 

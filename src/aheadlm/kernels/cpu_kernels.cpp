@@ -107,9 +107,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention", &attention, "batch-invariant attention of a few query rows over a KV cache");
   m.def("copy_aim", &copy_aim, "a copy head's fresh pointer for one query row: (positions, weights)");
   py::class_<Linear>(m, "Linear")
-      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t>(), py::arg("w"),
-           py::arg("scale"), py::arg("offset"), py::arg("block"), py::arg("bits") = 8, py::arg("zero") = 0)
-      .def("__call__", &Linear::apply, "x @ W^T, or against rows ids only", py::arg("x"), py::arg("ids") = py::none());
+      .def(py::init<torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t, int64_t, bool>(), py::arg("w"),
+           py::arg("scale"), py::arg("offset"), py::arg("block"), py::arg("bits") = 8, py::arg("zero") = 0,
+           py::arg("integer") = false)
+      .def("__call__", &Linear::apply, "x @ W^T, or against rows ids only", py::arg("x"), py::arg("ids") = py::none())
+      .def("unpack", &Linear::unpack, "an integer-form Linear's (q, scale, offset) in rows");
+  m.def("int_products_compiled", &int_products_compiled, "whether Linear(integer=True) works in this build");
   py::class_<Block>(m, "Block")
       .def(py::init<torch::Tensor, Linear, int64_t, int64_t, int64_t, bool, std::optional<torch::Tensor>,
                     std::optional<torch::Tensor>, double, Linear, std::optional<torch::Tensor>, torch::Tensor, Linear,
