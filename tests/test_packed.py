@@ -40,7 +40,7 @@ def test_4bit_blocks_are_bit_identical_to_int8(zero, offset):
     q = torch.randint(0, 16, (45, 96), dtype=torch.int8, generator=g) - zero
     off = torch.randn(45, 3, generator=g) * 0.01 if offset else None
     w = QTensor(q, torch.rand(45, 3, generator=g) * 0.01, off, 32)
-    four, eight = PackedLinear(w), PackedLinear(w, nibbles=False, integer=False)
+    four, eight = PackedLinear(w, integer=False), PackedLinear(w, nibbles=False, integer=False)
     assert (four.bits, four.zero, four.q.shape) == (4, zero, (45, 48)) and eight.bits == 8
     assert torch.equal(four.qtensor().q, q) and torch.equal(four.dense_weight(), w.dequantize())
     ids = torch.tensor([[44, 0], [7, 7]])
@@ -276,19 +276,24 @@ int_products = pytest.mark.skipif(
 
 
 @int_products
-@pytest.mark.parametrize("block,offset", [(32, False), (16, False), (32, True), (16, True)])
+@pytest.mark.parametrize(
+    "block,offset,bits", [(32, False, 8), (16, False, 8), (32, True, 8), (16, True, 8), (32, True, 4), (32, False, 4)]
+)
 @pytest.mark.parametrize("n,k", [(37, 96), (4099, 576), (16, 640)])
-def test_integer_products_are_close_to_float32_and_batch_invariant(block, offset, n, k):
+def test_integer_products_are_close_to_float32_and_batch_invariant(block, offset, bits, n, k):
     """Integer products round x to 16-bit integers per block of 32: outputs stay within 2e-4 of the
     largest float32 one, typically 5e-5 (6e-4 for a row with a 200-sigma outlier), and each row of a batch
     is bit-identical to that row alone (chunks of 8 rows, slabs, any M), so verification still
     matches decoding exactly."""
     g = torch.Generator().manual_seed(1)
-    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    if bits == 8:
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    else:  # GGUF's 4-bit blocks: 0..15 with offsets (Q4_1, Q4_K), -8..7 without (Q4_0)
+        q = torch.randint(0, 16, (n, k), dtype=torch.int8, generator=g) - (0 if offset else 8)
     off = torch.randn(n, k // block, generator=g) * 0.01 if offset else None
     w = QTensor(q, torch.rand(n, k // block, generator=g) * 0.01, off, block)
     lin = PackedLinear(w)
-    assert lin.ints is not None and lin.linear is None and lin.q is None  # one regrouped copy only
+    assert lin.bits == bits and lin.ints is not None and lin.linear is None and lin.q is None  # one regrouped copy
     x = torch.randn(70, k, generator=g)
     x[3, 5] = 200.0  # one outlier: only its block's rounding gets coarser
     x[4, :32] = 0.0

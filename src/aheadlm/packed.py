@@ -123,8 +123,8 @@ class PackedLinear(nn.Module):
             scale = weight.scale.float().contiguous()
             offset = (weight.offset if weight.offset is not None else torch.empty(0)).float().contiguous()
             integer = int_products() if integer is None else integer
-            if integer and self.bits == 8 and self.block in (16, 32) and self.in_features % 32 == 0:
-                self.ints = self.kernels.Linear(q, scale, offset, self.block, 8, 0, True)
+            if integer and self.block in (16, 32) and self.in_features % 32 == 0:
+                self.ints = self.kernels.Linear(q, scale, offset, self.block, self.bits, self.zero, True)
             if rows or self.ints is None:
                 self.q, self.scale, self.offset = q, scale, offset
                 self.linear = self.kernels.Linear(self.q, self.scale, self.offset, self.block, self.bits, self.zero)

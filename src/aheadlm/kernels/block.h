@@ -19,9 +19,9 @@ namespace aheadlm {
 
 // A linear layer's weights in one kernel format, fixed at construction: block-scaled int8 (block
 // 16 or 32, optional offsets), the same with 4-bit values packed two to a byte (`bits` 4, values
-// minus `zero`), or bfloat16 (block 0). With `integer`, int8 weights are kept only in IntLinear's
-// regrouped form and multiplied with integer dot products (intgemm.h); rows are then not readable
-// in place (`run_rows`, `row`), and `unpack` gives the weights back.
+// minus `zero`), or bfloat16 (block 0). With `integer`, int8 and 4-bit weights are kept only in
+// IntLinear's regrouped form and multiplied with integer dot products (intgemm.h); rows are then not
+// readable in place (`run_rows`, `row`), and `unpack` gives the weights back.
 struct Linear {
   torch::Tensor w, scale, offset;
   int64_t block = 0, N = 0, K = 0, bits = 8, zero = 0;
@@ -36,9 +36,7 @@ struct Linear {
     K = bits == 4 ? 2 * w.size(1) : w.size(1);
     if (integer) {
       TORCH_CHECK(int_products_compiled(), "Linear: this build has no integer products (AVX-512 VNNI)");
-      TORCH_CHECK(bits == 8 && w.scalar_type() == torch::kInt8 && (block == 16 || block == 32) && K % 32 == 0,
-                  "Linear: integer products take int8 weights in blocks of 16 or 32, K % 32 == 0");
-      ints = std::make_shared<const IntLinear>(w, scale, offset, block);
+      ints = std::make_shared<const IntLinear>(w, scale, offset, block, bits, zero);
       w = scale = offset = torch::Tensor();
       return;
     }
