@@ -76,11 +76,12 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 
 def int_products() -> bool:
-    """Whether int8 weights multiply with integer dot products (`kernels/intgemm.h`): where the
-    kernels were built with AVX-512 VNNI, unless AHEADLM_INT_PRODUCTS=0. They round each row of x
-    to 16-bit integers per block of 32, so outputs differ from the float32 products by about 2e-5
-    of the largest, and a few rows cost about what one does: verifying k drafts then costs little
-    more than a decode step. Each row is still computed alone (batch-invariant)."""
+    """Whether int8 and 4-bit weights multiply with integer dot products (`kernels/intgemm.h`):
+    where the kernels were built with AVX-512 VNNI, unless AHEADLM_INT_PRODUCTS=0. They round each
+    row of x to 16-bit integers per block of 32, which moves a whole model's logits by about 1e-4
+    of the largest (benchmarks/int_products.py), and a few rows cost little more than one:
+    verifying 4 drafts costs about 1.3 decode steps instead of 2.1. Each row is still computed
+    alone (batch-invariant), so verification matches decoding exactly."""
     if os.environ.get("AHEADLM_INT_PRODUCTS", "1") == "0":
         return False
     kernels = cpu_kernels()
@@ -90,10 +91,10 @@ def int_products() -> bool:
 class PackedLinear(nn.Module):
     """y = x @ W^T (+ b) with W as a QTensor or bfloat16, float32 activations. Int8 blocks of 32
     whose values span at most 16 integers (GGUF's 4-bit formats) are kept two values to a byte
-    (`bits` 4), which halves the bytes a decode step streams; their products are bit-identical to
-    float32 math on the dequantized weights. Other int8 weights use the integer products where the
-    build has them (`integer`, default `int_products()`) and are then kept only in their regrouped
-    form, unless `rows` keeps the rows too (for embedding lookups and draft heads that read rows)."""
+    (`bits` 4), which halves the bytes a decode step streams; their float32 products are
+    bit-identical to the int8 form's. With `integer` (default `int_products()`) both multiply with
+    integer dot products instead and are kept only in the kernels' regrouped form, unless `rows`
+    keeps the rows too (for embedding lookups and draft heads, which read rows in place)."""
 
     def __init__(
         self,

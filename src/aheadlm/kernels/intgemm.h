@@ -1,4 +1,4 @@
-// Few-row matrix products with integer dot products, for CPUs with AVX-512 VNNI (int8 weights).
+// Few-row matrix products with integer dot products, for CPUs with AVX-512 VNNI (int8 and 4-bit weights).
 //
 // The float32 products of gemm.h widen every weight and spend a multiply-add per weight and row, so
 // on small CPUs a verification of 5 rows costs about twice a one-row decode step. Here the weights
