@@ -36,18 +36,21 @@ inline bool int_products_compiled() {
 // Rows of x rounded per block of 32: xq [M, K] int16, d [M, K / 32]. A block holding inf or NaN
 // gets scale NaN, so its row's outputs are NaN, as float32 products would be.
 inline void round_rows(const float* x, int64_t M, int64_t K, int16_t* xq, float* d) {
-  for (int64_t i = 0; i < M * (K / 32); ++i) {
-    const float* xb = x + i * 32;
-    float amax = 0.f;
-    bool finite = true;
-    for (int j = 0; j < 32; ++j) {
-      finite = finite && std::isfinite(xb[j]);
-      amax = std::max(amax, std::fabs(xb[j]));
+  at::parallel_for(0, M * (K / 32), 2048, [&](int64_t i0, int64_t i1) {  // blocks are independent
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* xb = x + i * 32;
+      float amax = 0.f;
+      bool finite = true;
+      for (int j = 0; j < 32; ++j) {
+        finite = finite && std::isfinite(xb[j]);
+        amax = std::max(amax, std::fabs(xb[j]));
+      }
+      d[i] = finite ? amax / 32767.f : NAN;
+      const float inv = finite && amax > 0.f ? 32767.f / amax : 0.f;
+      for (int j = 0; j < 32; ++j)
+        xq[i * 32 + j] = static_cast<int16_t>(std::nearbyint(std::clamp(xb[j] * inv, -32767.f, 32767.f)));
     }
-    d[i] = finite ? amax / 32767.f : NAN;
-    const float inv = finite && amax > 0.f ? 32767.f / amax : 0.f;
-    for (int j = 0; j < 32; ++j) xq[i * 32 + j] = static_cast<int16_t>(std::nearbyint(std::clamp(xb[j] * inv, -32767.f, 32767.f)));
-  }
+  });
 }
 
 class IntLinear {
