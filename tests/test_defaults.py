@@ -41,7 +41,10 @@ def test_default_proposer_is_lossless_and_accepts(name):
     llm = aheadlm.load(name)
     assert llm.engine.proposer is not None and llm.engine.proposer.name == REGISTRY[name].default_proposer
     assert llm.engine.spec.adaptive == REGISTRY[name].default_adaptive
-    assert not aheadlm.load(name, drafter="ngram").engine.spec.adaptive  # a named drafter keeps fixed k
+    assert llm.engine.spec.num_draft == REGISTRY[name].default_draft_tokens
+    named = aheadlm.load(name, drafter="ngram").engine.spec
+    assert not named.adaptive and named.num_draft == 4  # a named drafter keeps fixed k, 4 by default
+    assert aheadlm.load(name, draft_tokens=3).engine.spec.num_draft == 3
     tau = lossless_tau(llm, aheadlm.load(name, drafter="none"))
     print(f"{name}: tau {tau:.2f}")
     assert tau >= FLOORS[name], f"{name}: tau {tau:.2f} below the floor {FLOORS[name]}"

@@ -190,7 +190,7 @@ def load(
     model: str | os.PathLike = "gemma3-270m",
     *,
     drafter: str | os.PathLike | None = None,
-    draft_tokens: int = 4,
+    draft_tokens: int | None = None,
     adaptive: bool | None = None,
     threshold: float | None = None,
     fallback_k: int | None = None,
@@ -201,12 +201,16 @@ def load(
     """Load a model by registered name (`gemma3-270m`, `smollm2-135m`), GGUF path or HF folder.
 
     `drafter`: None (the model's shipped MTP drafter when there is one), "none", "ngram", "mtp",
-    "draft:MODEL" or an MTP drafter folder. `draft_tokens` is k, the most drafts per round;
+    "draft:MODEL" or an MTP drafter folder. `draft_tokens` is k, the most drafts per round (None:
+    the registered model's measured default when no drafter is named, 6 for Gemma 3 270M, else 4);
     `adaptive` picks k per round for the best measured speed (None: on when the registered model's
     measured default uses it and no drafter is named); `threshold` makes a model drafter draft only
     while its confidence is at least this (None: an MTP drafter's own `draft_threshold`, chosen
     when it was trained; 0 behind lookup and for draft models); `fallback_k` caps the drafts of X
     in "ngram+X" when lookup finds nothing (None: k)."""
+    reg = REGISTRY.get(str(model))
+    if draft_tokens is None:
+        draft_tokens = reg.default_draft_tokens if drafter is None and reg is not None else 4
     if not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 32:
         raise InvalidRequestError(f"draft_tokens must be in 1..32, got {draft_tokens!r}")
     if fallback_k is not None and (not isinstance(fallback_k, int) or not 1 <= fallback_k <= 32):
@@ -228,7 +232,6 @@ def load(
         fallback_k=fallback_k,
     )
     if adaptive is None:
-        reg = REGISTRY.get(str(model))
         adaptive = drafter is None and reg is not None and reg.default_adaptive
     engine = Engine(net, proposer=proposer, spec=SpecConfig(draft_tokens, adaptive), n_ctx=n_ctx)
     name = str(model) if str(model) in REGISTRY else path.name

@@ -27,7 +27,13 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="none | ngram | mtp | draft:MODEL | a drafter folder (default: the model's shipped MTP drafter)",
     )
-    p.add_argument("--draft-tokens", "-k", type=int, default=4, help="most draft tokens per round")
+    p.add_argument(
+        "--draft-tokens",
+        "-k",
+        type=int,
+        default=None,
+        help="most draft tokens per round (default: the model's measured default with no --drafter, else 4)",
+    )
     p.add_argument(
         "--adaptive",
         action=argparse.BooleanOptionalAction,

@@ -34,6 +34,8 @@ class Registered:
     default_fallback_k: int | None = None
     """For "ngram+mtp" (named or by default) with no --fallback-k: the most drafts of the shipped
     drafter per round when lookup finds nothing."""
+    default_draft_tokens: int = 4
+    """k for that default (no drafter named, no -k): the fastest measured (docs/benchmarks.md)."""
 
 
 REGISTRY = {
@@ -45,6 +47,7 @@ REGISTRY = {
         drafter="gemma3-270m",
         default_proposer="ngram+mtp",
         default_fallback_k=2,
+        default_draft_tokens=6,
     ),
     "smollm2-135m": Registered(
         "smollm2-135m",
