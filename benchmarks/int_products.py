@@ -17,6 +17,7 @@ import argparse
 import os
 import statistics
 import time
+from unittest import mock
 
 import torch
 from draft_step import report  # the same printer as the draft-step benchmark (this folder)
@@ -39,11 +40,8 @@ PROMPTS = [
 
 
 def load(name: str, integer: bool):
-    os.environ["AHEADLM_INT_PRODUCTS"] = "1" if integer else "0"
-    try:
+    with mock.patch.dict(os.environ, {"AHEADLM_INT_PRODUCTS": "1" if integer else "0"}):
         return aheadlm.load(name, drafter="none")
-    finally:
-        del os.environ["AHEADLM_INT_PRODUCTS"]
 
 
 @torch.inference_mode()

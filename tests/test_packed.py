@@ -270,12 +270,12 @@ def test_compiled_draft_layers_are_bit_identical_to_the_per_op_path(arch, tmp_pa
         assert params.greedy or torch.equal(out[0].probs, out[1].probs)
 
 
-int_products = pytest.mark.skipif(
+needs_int_products = pytest.mark.skipif(
     cpu_kernels() is None or not cpu_kernels().int_products_compiled(), reason="no AVX-512 VNNI in this build"
 )
 
 
-@int_products
+@needs_int_products
 @pytest.mark.parametrize(
     "block,offset,bits", [(32, False, 8), (16, False, 8), (32, True, 8), (16, True, 8), (32, True, 4), (32, False, 4)]
 )
@@ -315,7 +315,7 @@ def test_integer_products_are_close_to_float32_and_batch_invariant(block, offset
     torch.testing.assert_close(lin.rows_linear(x[1], ids), w.dequantize()[ids] @ x[1])
 
 
-@int_products
+@needs_int_products
 def test_tied_head_keeps_rows_and_uses_integer_products_unless_turned_off(monkeypatch):
     from aheadlm.packed import PackedEmbedding
 

@@ -118,6 +118,10 @@ class IntLinear {
     auto offset = has_offset ? torch::empty({N, nwb}, torch::kFloat32) : torch::empty({0}, torch::kFloat32);
     auto* qp = static_cast<uint8_t*>(q.data_ptr());
     const auto* wp = static_cast<const uint8_t*>(w.data_ptr());
+    float* sp = scale.data_ptr<float>();
+    float* op = has_offset ? offset.data_ptr<float>() : nullptr;
+    const float* si = s.data_ptr<float>();
+    const float* oi = has_offset ? o.data_ptr<float>() : nullptr;
     for (int64_t n = 0; n < N; ++n) {
       const int64_t g = n / 16, i = n % 16;
       for (int64_t k = 0; k < K; ++k) {
@@ -131,8 +135,8 @@ class IntLinear {
         }
       }
       for (int64_t c = 0; c < nwb; ++c) {
-        scale.data_ptr<float>()[n * nwb + c] = s.data_ptr<float>()[(g * nwb + c) * 16 + i];
-        if (has_offset) offset.data_ptr<float>()[n * nwb + c] = o.data_ptr<float>()[(g * nwb + c) * 16 + i];
+        sp[n * nwb + c] = si[(g * nwb + c) * 16 + i];
+        if (op) op[n * nwb + c] = oi[(g * nwb + c) * 16 + i];
       }
     }
     return {q, scale, offset};
