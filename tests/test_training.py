@@ -58,11 +58,12 @@ def test_shards(setup):
     assert sorted(data.glob("shard_*"))[0].stat().st_mtime == mtime
 
 
-def test_loss_goes_down(setup, tmp_path):
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_loss_goes_down(setup, tmp_path, bf16):
     target, seqs, _ = setup
     tables = Tables.from_model(target)
     drafter = new_drafter(target)
-    cfg = TrainConfig(steps=20, **CFG)
+    cfg = TrainConfig(steps=20, bf16=bf16, **CFG)
 
     def fixed_loss():
         with torch.no_grad():

@@ -23,7 +23,7 @@ from .calibrate import choose_threshold, modeled_speed, record_rounds
 from .clusters import balanced_clusters, use_clusters
 from .data import build_prompts, corpus_sequences, load_conversations
 from .distill import load_shard, shard_seconds, write_shards
-from .trainer import Tables, TrainConfig, latest_checkpoint, train, world_and_rank
+from .trainer import Tables, TrainConfig, bf16_pays, latest_checkpoint, train, world_and_rank
 from .warm_start import check_compatible, warm_start
 
 N_VAL = 8
@@ -99,6 +99,13 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT")
     p.add_argument("--int8", action="store_true", help="store the matrices as block-scaled int8 (half the size)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bf16"),
+        default="auto",
+        help="the drafter's products in training: bf16 (autocast, float32 weights) or float32; auto "
+        "takes bf16 where the hardware has it (AVX512-BF16 CPUs, CUDA)",
+    )
 
 
 def _shards(target, texts, data_dir: Path, **kw) -> tuple[list, float]:
@@ -253,6 +260,7 @@ def run(a) -> int:
         max_anchors=a.max_anchors,
         checkpoint_every=a.checkpoint_every,
         eval_every=a.eval_every,
+        bf16=a.precision == "bf16" or (a.precision == "auto" and bf16_pays(device)),
         seed=a.seed,
     )
     evaluate = make_evaluator(llm, val, max_tokens=a.eval_tokens)

@@ -62,6 +62,8 @@ class TrainConfig:
     """Weight of anchors inside the prompt (the target did not write those tokens)."""
     checkpoint_every: int = 200
     eval_every: int = 500
+    bf16: bool = False
+    """Run the drafter's products in bf16 (autocast; weights, optimizer and losses stay float32)."""
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -249,6 +251,14 @@ def load_checkpoint(ck: Path, drafter: MTPDrafter, opt: torch.optim.Optimizer) -
         ) from None
 
 
+def bf16_pays(device) -> bool:
+    """Whether bf16 products are native here: CUDA with bf16, or a CPU with AVX512-BF16 (about
+    1.5x faster drafter training on Zen 5); elsewhere bf16 on CPU is emulated and slower."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported()
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -327,7 +337,8 @@ def train(
             seq = sequences[order[(c * world + rank) % len(order)]]
             state["seq_cursor"] = c + 1
             rng.seed(cfg.seed * 1_000_003 + c)
-            loss, m, a = sequence_loss(drafter, model, tables, seq, cfg, rng, device)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss, m, a = sequence_loss(drafter, model, tables, seq, cfg, rng, device)
             (loss / cfg.seqs_per_step).backward()
             anchors += a
             for k, v in m.items():
