@@ -65,6 +65,7 @@ def test_train_drafter_with_a_copy_head(tmp_path, capsys):
     argv += ["--data", str(_prompts_file(tmp_path)), "--max-new-tokens", "16", "--max-prompt-tokens", "48"]
     argv += ["--hidden", "576", "--intermediate", "1536", "--layers", "1", "--eval-every", "0", "--eval-tokens", "8"]
     argv += ["--seqs-per-step", "2", "--max-anchors", "32", "--steps", "2", "--copy-head"]
+    argv += ["--precision", "bf16"]  # the copy head under autocast, on any CPU
     assert main(argv + ["--copy-layers", "20,29", "--copy-follow", "--copy-match", "2"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["copy_head"] and config["copy_layers"] == [20, 29]

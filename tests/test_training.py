@@ -309,3 +309,14 @@ def test_warm_start_refuses_other_layer_shapes(setup):
     )
     with pytest.raises(InvalidRequestError, match="query heads"):
         warm_start(few_heads, target, [[1, 2, 3]])
+
+
+def test_target_logits_stay_float32_under_autocast(setup):
+    """bf16 training (`TrainConfig.bf16`) keeps the distillation targets and the KL in float32."""
+    target, _, _ = setup
+    tables = Tables.from_model(target)
+    h, ids = torch.randn(3, target.config.hidden_size), torch.arange(10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tables.logits(h, ids)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, tables.logits(h, ids))

@@ -97,7 +97,9 @@ class Tables:
         self.cluster_of[ordering] = torch.arange(ordering.numel(), device=ordering.device) // size
 
     def logits(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        out = h @ self.head[ids].T
+        # float32 also under bf16 autocast: the target's distribution is the distillation target
+        with torch.autocast(h.device.type, enabled=False):
+            out = h.float() @ self.head[ids].T
         cap = self.config.final_logit_softcap
         return torch.tanh(out / cap) * cap if cap else out
 
@@ -193,7 +195,8 @@ def copy_terms(ptr, logq, tokens, cand, choice, P):
     it), per anchor. The pointer proposes only the sequence's own tokens, all of them candidates.
     Its own loss lets it learn to aim while the gate is still shut (through the mixture alone, the
     gate shuts first)."""
-    ids, w, g = ptr.ids(tokens[None])[0], ptr.w[0], ptr.g[0]
+    # float32 like logq, also when the pointer ran under bf16 autocast
+    ids, w, g = ptr.ids(tokens[None])[0], ptr.w[0].float(), ptr.g[0].float()
     q = torch.zeros_like(logq).scatter_add_(1, torch.searchsorted(cand, ids.contiguous()), w)
     mixed = torch.log(((1 - g)[:, None] * logq.exp() + g[:, None] * q).clamp_min(1e-30))
     known = torch.arange(tokens.numel(), device=P.device)[None] <= P[:, None]  # the tokens up to the query
