@@ -96,8 +96,8 @@ def main() -> None:
     result["argmax_agreement"] = (logits["integer"].argmax(-1) == logits["float32"].argmax(-1)).float().mean().item()
     first_difference = []
     for prompt in PROMPTS:
-        ids = forms["float32"].tokenizer.encode(prompt)
-        a_ids, b_ids = (llm.generate(ids, max_tokens=a.tokens, ignore_eos=True).token_ids for llm in forms.values())
+        pids = forms["float32"].tokenizer.encode(prompt)
+        a_ids, b_ids = (llm.generate(pids, max_tokens=a.tokens, ignore_eos=True).token_ids for llm in forms.values())
         pairs = zip(a_ids, b_ids, strict=False)
         first_difference.append(next((j for j, (x, y) in enumerate(pairs) if x != y), min(len(a_ids), len(b_ids))))
     result["greedy_first_difference"] = first_difference

@@ -328,6 +328,7 @@ def train(
         range(state["step"], last), desc="train-drafter", initial=state["step"], total=cfg.steps, show=rank == 0
     )
     t_start = time.time() - state.get("seconds", 0.0)
+    device_type = torch.device(device).type
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
@@ -342,7 +343,7 @@ def train(
             seq = sequences[order[(c * world + rank) % len(order)]]
             state["seq_cursor"] = c + 1
             rng.seed(cfg.seed * 1_000_003 + c)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss, m, a = sequence_loss(drafter, model, tables, seq, cfg, rng, device)
             (loss / cfg.seqs_per_step).backward()
             anchors += a
