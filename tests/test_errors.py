@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,7 +146,13 @@ def test_generation_stops_at_context_end(small_llm):
         {"top_k": -3},
         {"min_p": 2},
         {"repetition_penalty": 0.0},
+        {"repetition_penalty": 1e-300, "temperature": 0.8},  # logits / 1e-300 overflow
         {"max_tokens": 0},
+        {"seed": 10**30, "temperature": 1.0},  # beyond what torch.Generator takes
+        {"seed": "1", "temperature": 1.0},
+        {"seed": 1.5, "temperature": 1.0},
+        {"stop": 5},
+        {"stop": [5]},
     ],
 )
 def test_bad_sampling_values(small_llm, kwargs):
@@ -154,15 +161,197 @@ def test_bad_sampling_values(small_llm, kwargs):
         small_llm.generate("hi", **args)
 
 
-def test_bad_prompt_types(small_llm):
+@pytest.mark.parametrize("prompt", [["a", "b"], [10**9], None, 5, b"hi", "hi \ud800 there"])
+def test_bad_prompts(small_llm, prompt):
     with pytest.raises(InvalidRequestError):
-        small_llm.generate(["a", "b"], max_tokens=2)
+        small_llm.generate(prompt, max_tokens=2)
+
+
+@pytest.mark.parametrize(
+    "messages", [[], "hi", [{"role": "user", "content": 5}], [{"role": "user", "content": None}], [{"content": "x"}]]
+)
+def test_bad_messages(small_llm, messages):
     with pytest.raises(InvalidRequestError):
-        small_llm.generate([10**9], max_tokens=2)
+        small_llm.chat(messages, max_tokens=2)
+
+
+def test_tiny_temperature_decodes_greedily(small_llm):
+    """1e-40 would overflow the logits; below 1e-5 a temperature means greedy (as in vLLM)."""
+    greedy = small_llm.generate("The capital of France is", max_tokens=6)
+    tiny = small_llm.generate("The capital of France is", max_tokens=6, temperature=1e-40, seed=3)
+    assert tiny.token_ids == greedy.token_ids
+
+
+@pytest.mark.parametrize("kwargs", [{"n_ctx": "512"}, {"n_ctx": 0}, {"device": "tpu"}, {"device": 0}, {"model": 123}])
+def test_bad_load_arguments(kwargs):
+    args = {"model": "smollm2-135m", **kwargs}
     with pytest.raises(InvalidRequestError):
-        small_llm.chat([], max_tokens=2)
+        aheadlm.load(args.pop("model"), **args)
+
+
+def test_undecodable_prompt_on_the_command_line(capsys):
+    code, err = cli(capsys, "generate", "hi \udcff", "-m", "smollm2-135m", "-n", "2")
+    assert code == 1 and "not valid UTF-8" in err and err.count("\n") == 1
+
+
+def _hf_folder(tmp_path, config) -> str:
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return str(tmp_path)
+
+
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 64,
+}
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ("[]", "malformed config"),
+        ("\u00ff\u00fe not json", "malformed config"),
+        ({**LLAMA, "num_attention_heads": 0}, "malformed config"),
+        ({**LLAMA, "hidden_size": "32", "head_dim": 8}, "hidden_size must be a positive integer"),
+        ({**LLAMA, "num_hidden_layers": -1}, "num_layers must be a positive integer"),
+        ({"target_hidden": 576, "hidden_size": 576}, "pass it with --drafter"),
+    ],
+)
+def test_malformed_model_config(tmp_path, capsys, config, message):
+    folder = _hf_folder(tmp_path, config)
+    code, err = cli(capsys, "models", folder)
+    assert code == 1 and message in err and err.count("\n") == 1
+
+
+def test_gguf_without_a_required_key(tmp_path):
+    import gguf
+
+    p = tmp_path / "noblocks.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_embedding_length(32)
+    w.add_head_count(4)
+    w.add_feed_forward_length(64)
+    w.add_tensor("token_embd.weight", np.zeros((64, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(WeightsError, match="lacks 'llama.block_count'"):
+        aheadlm.load(p)
+
+
+def test_damaged_drafter_config(tmp_path):
+    from aheadlm.checkpoint import read_config
+    from aheadlm.drafter import load_drafter
+
+    shutil.copytree(Path(aheadlm.__file__).parent / "drafters" / "gemma3-270m", tmp_path / "d")
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    (tmp_path / "d" / "config.json").write_text(json.dumps({**cfg, "hidden_size": str(cfg["hidden_size"])}))
+    with pytest.raises(WeightsError, match="hidden_size must be a positive integer"):
+        load_drafter(tmp_path / "d", read_config(resolve("gemma3-270m")))
+
+
+def test_chat_session_survives_a_turn_past_the_context(monkeypatch, capsys):
+    lines = iter(["word " * 80, "Hi", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
+    code = main(["chat", "-m", "smollm2-135m", "--n-ctx", "64", "-n", "2"])
+    out = capsys.readouterr()
+    assert code == 0 and "context holds 64" in out.err and "/reset" in out.err
+    assert out.out.strip()  # the second turn was answered
+
+
+def test_bench_checks_its_inputs_before_loading(tmp_path, capsys):
+    base = ["bench", "-m", "no-such-model", "--methods", "ngram", "--max-tokens", "2", "--quiet"]
+    bad_records = ['{"turns": [123]}', '{"turns": "hello"}', '{"turns": ["hi"], "category": ["x"]}']
+    for i, record in enumerate(bad_records):
+        f = tmp_path / f"p{i}.jsonl"
+        f.write_text(record + "\n")
+        code, err = cli(capsys, *base, "--prompts", str(f))
+        assert code == 1 and "not a Spec-Bench record" in err, err  # not "model not found": checked first
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"turns": ["hi"]}\n')
+    code, err = cli(capsys, *base, "--prompts", str(tmp_path))
+    assert code == 1 and "is not a file" in err
+    code, err = cli(capsys, *base, "--prompts", str(good), "--json", str(tmp_path))
+    assert code == 1 and "is a folder" in err
+    code, err = cli(capsys, *base, "--prompts", str(good), "--plot", str(tmp_path / "p.xyz"))
+    assert code == 1 and "--plot" in err
+
+
+def test_serve_flags_are_checked_before_loading(capsys):
+    for flags, message in ((["--port", "99999"], "--port"), (["--max-queue", "0"], "--max-queue")):
+        code, err = cli(capsys, "serve", "-m", "no-such-model", *flags)
+        assert code == 1 and message in err, err
 
 
 def test_bad_dtype(capsys):
     code, err = cli(capsys, "generate", "hi", "-m", "smollm2-135m", "--dtype", "int3")
     assert code == 1 and "unknown dtype" in err
+
+
+class _FailingEngine:
+    """Stands in for the batch engine: admits into one row; `step` raises a bug when told to."""
+
+    def __init__(self):
+        self.rows, self.fail_step, self.released = [None], False, []
+
+    @property
+    def active(self):
+        return [r for r in self.rows if r is not None]
+
+    def has_free_slot(self):
+        return None in self.rows
+
+    def admit(self, req):
+        if req.prompt == [666]:
+            raise RuntimeError("admission bug")
+        self.rows[0], req.row = req, 0
+
+    def step(self):
+        if self.fail_step:
+            raise ZeroDivisionError("step bug")
+        for r in self.active:
+            self.release(r)
+            r.emit([1], "stop")
+
+    def release(self, req):
+        if self.rows[0] is req:
+            self.rows[0] = None
+            self.released.append(req)
+
+
+def test_scheduler_survives_engine_bugs():
+    """An unexpected exception fails only the requests it touched (as `internal:`), frees their
+    rows, and the scheduler thread goes on serving."""
+    import asyncio
+
+    from aheadlm.sampling import SamplingParams
+    from aheadlm.server.batching import Request
+    from aheadlm.server.scheduler import Scheduler
+
+    engine = _FailingEngine()
+    sched = Scheduler(engine)
+    loop = asyncio.new_event_loop()
+
+    def run(prompt):
+        req = Request(prompt, SamplingParams(), 4, (), emit=None)
+        queue = sched.submit(req, loop)
+        return req, loop.run_until_complete(asyncio.wait_for(queue.get(), 10))
+
+    try:
+        assert run([666])[1][1].startswith("internal:RuntimeError")
+        engine.fail_step = True
+        req, (_, finish) = run([1])
+        assert finish.startswith("internal:ZeroDivisionError") and req in engine.released
+        assert engine.rows == [None]
+        engine.fail_step = False
+        assert run([2])[1] == ([1], "stop")
+        assert sched.thread.is_alive()
+    finally:
+        sched.shutdown()
+        loop.close()

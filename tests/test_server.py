@@ -76,7 +76,10 @@ def server():
 
 
 def healthy(base):
+    """/health says ok and the scheduler still answers a one-token request."""
     assert httpx.get(base + "/health", timeout=10).json()["status"] == "ok"
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+    assert httpx.post(base + "/v1/completions", json=body, headers=H, timeout=60).status_code == 200
 
 
 H = {"Authorization": f"Bearer {KEY}"}
@@ -210,6 +213,22 @@ BAD = [
     ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"temperature": "hot"}}, 400),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400),
     ("/v1/completions", b"x" * (5 * 2**20), 413),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 1, "seed": 10**30}, 400),
+    # lone surrogates, as JSON escapes (json.dumps keeps them ASCII)
+    (
+        "/v1/chat/completions",
+        json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "a \ud800"}]}).encode(),
+        400,
+    ),
+    ("/v1/completions", json.dumps({"model": MODEL, "prompt": "a \udcff b"}).encode(), 400),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"seed": -(10**30), "temperature": 1}}, 400),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        400,
+    ),
+    ("/v1/nowhere", {"model": MODEL}, 404),
+    ("/health", {}, 405),
 ]
 
 
@@ -218,7 +237,36 @@ def test_bad_requests(server, path, body, status):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
     r = httpx.post(server + path, headers={**H, "content-type": "application/json"}, timeout=60, **kw)
     assert r.status_code == status, r.text
-    assert "error" in r.json() and r.json()["error"]["message"]
+    err = r.json()["error"]  # Ollama's shape on /api/..., OpenAI's elsewhere
+    assert err if path.startswith("/api/") else err["message"]
+    healthy(server)
+
+
+def test_streamed_bodies(server):
+    """A chunked body (no Content-Length) over the limit gets the same 413; a small one works."""
+
+    def chunks(data: bytes):
+        for i in range(0, len(data), 2**16):
+            yield data[i : i + 2**16]
+
+    url, hdr = server + "/v1/completions", {**H, "content-type": "application/json"}
+    r = httpx.post(url, content=chunks(b"x" * (5 * 2**20)), headers=hdr, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["message"]
+    ok = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
+    assert httpx.post(url, content=chunks(ok), headers=hdr, timeout=60).status_code == 200
+    healthy(server)
+
+
+def test_tiny_temperature_is_greedy(server):
+    """Dividing logits by 1e-40 overflows; such temperatures decode greedily (as in vLLM), and the
+    server stays up."""
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8}
+    texts = []
+    for t in (0, 1e-40):
+        r = httpx.post(server + "/v1/completions", json={**body, "temperature": t}, headers=H, timeout=60)
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["text"])
+    assert texts[0] == texts[1]
     healthy(server)
 
 

@@ -42,6 +42,12 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 def resolve_device(device: str | None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, str):
+        raise InvalidRequestError(f"device must be a string such as 'cpu' or 'cuda', got {device!r}")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise InvalidRequestError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidRequestError("device 'cuda' requested but no CUDA device is available")
     return device
@@ -90,6 +96,15 @@ def _through_stop(tokenizer: Tokenizer, before: list[int], new: list[int], stops
     return new
 
 
+def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, list | tuple) else stop
+    if stops is None:
+        return []
+    if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+        raise InvalidRequestError(f"stop must be a string or a list of strings, got {stop!r}")
+    return stops
+
+
 class LLM:
     """A loaded target model (and, when given, its drafter), ready to generate."""
 
@@ -105,9 +120,11 @@ class LLM:
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        ids = list(prompt)
-        if not all(isinstance(i, int) for i in ids):
-            raise InvalidRequestError("a prompt must be a string or a list of token ids")
+        # bytes would pass as a sequence of ints: refuse it rather than read it as token ids
+        ok = isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray)
+        ids = list(prompt) if ok else []
+        if not ok or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         return ids
 
     def stream(
@@ -130,7 +147,7 @@ class LLM:
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_list(stop)
         ids = self._prompt_ids(prompt)
         stop_ids = tuple(stop_token_ids) + (() if ignore_eos else self.tokenizer.stop_ids)
         steps = self.engine.generate(ids, params, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats)
@@ -168,22 +185,24 @@ class LLM:
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
         """Token ids for a conversation and the stop strings its format needs."""
-        if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
+        ):
             raise InvalidRequestError("messages must be a non-empty list of {role, content} objects")
+        if not all(isinstance(m.get("content"), str) for m in messages):
+            raise InvalidRequestError("each message's content must be a string")
         extra_stop = [] if self.tokenizer.has_chat_template else list(PLAIN_CHAT_STOP)
         return self.tokenizer.chat_ids(messages), extra_stop
 
     def stream_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Iterator[Step]:
         ids, extra_stop = self.chat_prompt(messages)
-        stop = kwargs.pop("stop", None)
-        stops = ([stop] if isinstance(stop, str) else list(stop or [])) + extra_stop
-        return self.stream(ids, stop=stops, **kwargs)
+        return self.stream(ids, stop=_stop_list(kwargs.pop("stop", None)) + extra_stop, **kwargs)
 
     def chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Completion:
         ids, extra_stop = self.chat_prompt(messages)
-        stop = kwargs.pop("stop", None)
-        stops = ([stop] if isinstance(stop, str) else list(stop or [])) + extra_stop
-        return self.generate(ids, stop=stops, **kwargs)
+        return self.generate(ids, stop=_stop_list(kwargs.pop("stop", None)) + extra_stop, **kwargs)
 
 
 def load(
@@ -208,6 +227,10 @@ def load(
     while its confidence is at least this (None: an MTP drafter's own `draft_threshold`, chosen
     when it was trained; 0 behind lookup and for draft models); `fallback_k` caps the drafts of X
     in "ngram+X" when lookup finds nothing (None: k)."""
+    if not isinstance(model, str | os.PathLike):
+        raise InvalidRequestError(f"model must be a name or a path, got {type(model).__name__}")
+    if n_ctx is not None and (not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1):
+        raise InvalidRequestError(f"n_ctx must be a positive integer, got {n_ctx!r}")
     reg = REGISTRY.get(str(model))
     if draft_tokens is None:
         draft_tokens = reg.default_draft_tokens if drafter is None and reg is not None else 4

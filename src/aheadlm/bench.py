@@ -24,6 +24,7 @@ from .engine import Engine, GenerationStats
 from .errors import InvalidRequestError
 from .kernels import kernel_build
 from .proposers import make_proposer
+from .sampling import GREEDY_BELOW
 from .speculative import SpecConfig
 
 
@@ -40,10 +41,13 @@ def read_prompts(path: str, category: str | None = None, limit: int | None = Non
     if skip < 0 or (limit is not None and limit < 0):
         raise InvalidRequestError(f"--skip and --limit must not be negative, got {skip} and {limit}")
     p = Path(path)
-    if not p.exists():
-        raise InvalidRequestError(f"prompt file {path} not found")
+    if not p.is_file():
+        raise InvalidRequestError(f"prompt file {path} not found" if not p.exists() else f"{path} is not a file")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(f"{path}: not UTF-8 text ({e})") from None
     out = []
-    lines = p.read_text().splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -51,9 +55,14 @@ def read_prompts(path: str, category: str | None = None, limit: int | None = Non
             try:
                 d = json.loads(line)
                 text = d["turns"][0] if "turns" in d else d["prompt"]
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+                cat = d.get("category", "all")
+                if not isinstance(d.get("turns", [text]), list) or not isinstance(text, str):
+                    raise TypeError("turns must be a list of strings, prompt a string")
+                if not isinstance(cat, str):
+                    raise TypeError("category must be a string")
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as e:
                 raise InvalidRequestError(f"{path}:{i + 1}: not a Spec-Bench record ({e})") from None
-            out.append(Prompt(str(d.get("question_id", i)), d.get("category", "all"), text))
+            out.append(Prompt(str(d.get("question_id", i)), cat, text))
         else:
             out.append(Prompt(str(i), "all", line))
     if category:
@@ -169,8 +178,8 @@ def parse_methods(
 
 
 def run_bench(args) -> dict:
+    prompts = read_prompts(args.prompts, args.category, args.limit, args.skip)  # before the slow load
     llm = load(args.model, drafter="none", dtype=args.dtype, device=args.device)
-    prompts = read_prompts(args.prompts, args.category, args.limit, args.skip)
     target = llm.engine.model
     runners: dict[str, LLM] = {}
     for label, spec, k, adaptive, th in parse_methods(args.methods, args.draft_tokens, args.adaptive, args.threshold):
@@ -178,7 +187,7 @@ def run_bench(args) -> dict:
         if spec not in ("none",) and prop is None:
             raise InvalidRequestError(f"method {spec!r} has no drafter for {args.model}")
         runners[label] = LLM(Engine(target, proposer=prop, spec=SpecConfig(k, adaptive)), llm.tokenizer, llm.name)
-    greedy = args.temperature == 0
+    greedy = args.temperature < GREEDY_BELOW
     tallies: dict[str, dict[str, Tally]] = {m: defaultdict(Tally) for m in runners}
     # Warm up every method once (allocations, caches) before timing.
     for r in runners.values():

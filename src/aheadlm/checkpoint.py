@@ -217,9 +217,13 @@ def hf_config(path: Path) -> ModelConfig:
         raise ModelNotFoundError(f"{path}: no config.json (expected a Hugging Face model folder)")
     try:
         raw = json.loads(cfg_file.read_text())
+        if not isinstance(raw, dict):
+            raise TypeError(f"a JSON object was expected, not {type(raw).__name__}")
         config = from_hf_config(raw)
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{cfg_file}: malformed config ({e})") from None
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:  # ValueError: JSON, UTF-8
+        raise WeightsError(f"{cfg_file}: malformed config ({type(e).__name__}: {e})") from None
+    except WeightsError as e:
+        raise WeightsError(f"{cfg_file}: {e}") from None
     towers = [k.removesuffix("_config") for k in ("vision_config", "audio_config") if raw.get(k)]
     if towers:
         status(f"{path.name}: loading the text model only ({' and '.join(towers)} towers are skipped)")

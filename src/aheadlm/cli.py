@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import AheadlmError
+from .errors import AheadlmError, ContextLengthError, InvalidRequestError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -156,10 +156,16 @@ def cmd_chat(a: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         reply = []
-        for step in llm.stream_chat(history, **_sampling_kwargs(a)):
-            reply.append(step.text)
-            sys.stdout.write(step.text)
-            sys.stdout.flush()
+        try:
+            for step in llm.stream_chat(history, **_sampling_kwargs(a)):
+                reply.append(step.text)
+                sys.stdout.write(step.text)
+                sys.stdout.flush()
+        except AheadlmError as e:  # one bad turn (a conversation past the context, bad text) keeps the session
+            history.pop()
+            hint = " (/reset starts a new conversation)" if isinstance(e, ContextLengthError) else ""
+            print(f"error: {e}{hint}", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(reply).strip()})
 
@@ -203,6 +209,12 @@ def cmd_models(a: argparse.Namespace) -> int:
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import plot, print_table, run_bench
 
+    # Refuse unusable output paths now, not after a run of an hour.
+    for flag, path in (("--json", a.json), ("--plot", a.plot)):
+        if path and Path(path).is_dir():
+            raise InvalidRequestError(f"{flag} {path} is a folder; give a file name")
+    if a.plot and Path(a.plot).suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
+        raise InvalidRequestError(f"--plot {a.plot}: use a .png, .svg, .pdf or .jpg file name")
     result = run_bench(a)
     print_table(result)
     if a.json:
@@ -306,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except AheadlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the file system's answer (a file where a folder should be, no space) is the message
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

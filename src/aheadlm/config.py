@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UnsupportedModelError
+from .errors import UnsupportedModelError, WeightsError
 
 FULL = "full"
 SLIDING = "sliding"
@@ -126,6 +126,11 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"architecture {self.arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})"
             )
+        # A hand-edited or damaged config must fail here, not as a shape error deep in torch.
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise WeightsError(f"config {name} must be a positive integer, got {v!r}")
         if not self.layer_types:
             object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
         if len(self.layer_types) != self.num_layers:
@@ -303,10 +308,9 @@ def from_hf_config(cfg: dict[str, Any]) -> ModelConfig:
         cfg, model_type = cfg["text_config"], "gemma4_text"  # vision/audio towers are not loaded
     if model_type == "gemma4_text":
         return _gemma4_from_hf(cfg)
-    if model_type == "gemma4_assistant":
-        raise UnsupportedModelError(
-            "this is a Gemma 4 assistant (MTP drafter), not a target model: pass it with --drafter"
-        )
+    if model_type == "gemma4_assistant" or "target_hidden" in cfg:  # target_hidden: our drafter folders
+        kind = "a Gemma 4 assistant" if model_type else "a drafter folder from train-drafter"
+        raise UnsupportedModelError(f"this is {kind} (MTP drafter), not a target model: pass it with --drafter")
     if model_type == "gemma3" and "text_config" in cfg:
         cfg, model_type = cfg["text_config"], "gemma3_text"
     if model_type not in ("gemma3_text", "gemma3", "llama", "mistral"):
@@ -385,6 +389,9 @@ def from_gguf_metadata(md: dict[str, Any], has_output_tensor: bool) -> ModelConf
     def get(key, default=None):
         return md.get(f"{arch}.{key}", default)
 
+    for key in ("embedding_length", "attention.head_count", "block_count", "feed_forward_length"):
+        if get(key) is None:
+            raise KeyError(f"{arch}.{key}")
     hidden, heads = get("embedding_length"), get("attention.head_count")
     head_dim = get("attention.key_length") or get("rope.dimension_count") or hidden // heads
     vocab = get("vocab_size") or len(md["tokenizer.ggml.tokens"])

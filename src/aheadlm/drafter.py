@@ -87,6 +87,10 @@ class DrafterConfig:
     """n > 0: the copy head's aim also scores exact matches of the last 1..n input tokens."""
 
     def __post_init__(self):
+        for name in ("target_hidden", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            v = getattr(self, name)  # a damaged config.json must fail here, not inside torch
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not self.layer_types:
             object.__setattr__(self, "layer_types", (FULL,) * self.num_layers)
         object.__setattr__(self, "layer_types", tuple(self.layer_types))

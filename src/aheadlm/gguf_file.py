@@ -202,6 +202,8 @@ class GGUFFile:
             return from_gguf_metadata(self.metadata, "output.weight" in self.tensor_names)
         except KeyError as e:
             raise WeightsError(f"{self.path}: GGUF metadata lacks {e}") from None
+        except (TypeError, ValueError, ZeroDivisionError, WeightsError) as e:  # keys of the wrong type
+            raise WeightsError(f"{self.path}: malformed GGUF metadata ({e})") from None
 
     def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor | QTensor]]:
         """Yield (our name, weight) for every used tensor: a QTensor when the format splits exactly

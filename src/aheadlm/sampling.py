@@ -10,11 +10,14 @@ import torch
 
 from .errors import InvalidRequestError
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0
-    """0 means greedy."""
+    """0 means greedy; so does anything below `GREEDY_BELOW` (as in vLLM), where dividing the
+    logits by it would overflow."""
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
@@ -33,12 +36,15 @@ class SamplingParams:
             if v is not None and (not isinstance(v, (int, float)) or math.isnan(v) or not 0 <= v <= 1):
                 raise InvalidRequestError(f"{name} must be in [0, 1], got {v!r}")
         rp = self.repetition_penalty
-        if rp is not None and (not isinstance(rp, (int, float)) or math.isnan(rp) or not 0 < rp <= 10):
-            raise InvalidRequestError(f"repetition_penalty must be in (0, 10], got {rp!r}")
+        if rp is not None and (not isinstance(rp, (int, float)) or math.isnan(rp) or not 0.01 <= rp <= 10):
+            raise InvalidRequestError(f"repetition_penalty must be in [0.01, 10], got {rp!r}")
+        sd = self.seed
+        if sd is not None and (not isinstance(sd, int) or isinstance(sd, bool) or not -(2**63) <= sd < 2**64):
+            raise InvalidRequestError(f"seed must be an integer in [-2**63, 2**64), got {sd!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     def make_generator(self, device="cpu") -> torch.Generator:
         g = torch.Generator(device=device)

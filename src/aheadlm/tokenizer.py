@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import WeightsError
+from .errors import InvalidRequestError, WeightsError
 
 # Tokens that end an assistant turn in common chat formats; used as extra stop ids when present.
 _END_OF_TURN = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<turn|>")
@@ -55,7 +55,14 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"text to encode must be a str, got {type(text).__name__}")
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust tokenizer refuses lone surrogates (undecodable input bytes)
+            raise InvalidRequestError(
+                "the text is not valid UTF-8 (it holds undecodable bytes or lone surrogates)"
+            ) from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         return ids

@@ -15,14 +15,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from ..api import LLM, _StopMatcher, _through_stop
-from ..errors import AheadlmError, ContextLengthError
+from ..errors import ContextLengthError
 from ..sampling import SamplingParams
 from ..tokenizer import TextStream
+from . import error_handlers
 from .batching import Request as EngineRequest
+from .error_handlers import error_response
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -60,18 +61,31 @@ class BodyLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             return await _send_json(send, 413, APIError(413, f"request body over {self.limit} bytes").body())
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+        if declared is not None:
+            return await self.app(scope, receive, send)
+        # A streamed (chunked) body: read it all first, so an oversized one gets the same 413
+        # rather than a parse error from inside the handler.
+        chunks, seen = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise APIError(413, f"request body over {self.limit} bytes")
-            return msg
+            if msg["type"] != "http.request":
+                return  # the client went away
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                return await _send_json(send, 413, APIError(413, f"request body over {self.limit} bytes").body())
+            if not msg.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
 
-        return await self.app(scope, limited, send)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for the disconnect, as Starlette expects
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
 
 
 async def _send_json(send, status: int, body: dict) -> None:
@@ -102,28 +116,11 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             resp = await call_next(request)
         except APIError as e:
-            resp = JSONResponse(e.body(), e.status)
+            resp = error_response(path, e)
         state.scheduler.metrics.requests[(path, resp.status_code)] += 1
         return resp
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            msg, loc = "request body is not valid JSON", ""
-        return JSONResponse(APIError(400, f"{loc}: {msg}" if loc else msg, "invalid_request", loc or None).body(), 400)
-
-    @app.exception_handler(APIError)
-    async def _api(request: Request, exc: APIError):
-        return JSONResponse(exc.body(), exc.status)
-
-    @app.exception_handler(AheadlmError)
-    async def _aheadlm(request: Request, exc: AheadlmError):
-        code = "context_length_exceeded" if isinstance(exc, ContextLengthError) else "invalid_request"
-        return JSONResponse(APIError(400, str(exc), code).body(), 400)
+    error_handlers.install(app)
 
     def check_model(name: str) -> None:
         base = name[: -len(":latest")] if name.endswith(":latest") else name
@@ -175,6 +172,8 @@ def create_app(state: ServerState) -> FastAPI:
                     continue
                 if finish and finish.startswith("error:"):
                     raise APIError(400, finish[len("error:") :], "invalid_request")
+                if finish and finish.startswith("internal:"):
+                    raise APIError(500, f"internal error ({finish[len('internal:') :]})", "server_error")
                 delta = text.push(tokens) + (text.flush() if finish else "")
                 out, hit = matcher.feed(delta)
                 if hit:
@@ -226,12 +225,14 @@ def create_app(state: ServerState) -> FastAPI:
     # -- OpenAI ------------------------------------------------------------------------------------
     @app.get("/health")
     async def health():
-        return {
-            "status": "ok",
+        alive = state.scheduler.thread.is_alive()  # without it every request would wait to time out
+        body = {
+            "status": "ok" if alive else "error",
             "model": state.name,
             "running": state.scheduler.running,
             "queued": state.scheduler.queue_depth,
         }
+        return body if alive else JSONResponse(body, 503)
 
     @app.get("/v1/models")
     async def models():

@@ -31,8 +31,13 @@ def add_arguments(p) -> None:
 
 
 def build_state(a) -> ServerState:
-    if a.slots < 1 or a.max_queue < 0:
-        raise InvalidRequestError("--slots must be >= 1 and --max-queue >= 0")
+    # checked before the model loads, so a typo costs no wait
+    if a.slots < 1 or a.max_queue < 1:
+        raise InvalidRequestError("--slots and --max-queue must be at least 1")
+    if not 0 <= a.port <= 65535:
+        raise InvalidRequestError(f"--port must be in 0..65535, got {a.port}")
+    if a.timeout <= 0 or a.max_tokens < 1:
+        raise InvalidRequestError("--timeout must be positive and --max-tokens at least 1")
     llm = load(
         a.model,
         drafter=a.drafter,

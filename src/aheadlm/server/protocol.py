@@ -61,6 +61,14 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, v):
+        # the engine reads text only: dropping an image part would answer a question never asked
+        if isinstance(v, list) and any(not isinstance(p, dict) or p.get("type") != "text" for p in v):
+            raise ValueError("only text content parts are supported (this server runs a text model)")
+        return v
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p.get("text", "") for p in self.content if isinstance(p, dict) and p.get("type") == "text")

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 
 from ..errors import AheadlmError
 from .batching import BatchEngine, Request
+
+log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -113,17 +116,27 @@ class Scheduler:
                         admit = req
                         break
             if admit is not None:
-                try:
-                    eng.admit(admit)
-                except AheadlmError as e:
-                    admit.emit([], f"error:{e}")
+                self._guarded(eng.admit, [admit], admit)
             if eng.active:
                 t0 = time.perf_counter()
-                try:
-                    eng.step()
-                except AheadlmError as e:  # one bad row must not take the others down
-                    for r in eng.active:
-                        r.emit([], f"error:{e}")
-                        eng.release(r)
+                self._guarded(eng.step, None)
                 self.metrics.rounds += 1
                 self.metrics.round_seconds += time.perf_counter() - t0
+
+    def _guarded(self, call, rows: list[Request] | None, *args) -> None:
+        """Run an engine call; if it fails, fail `rows` (None: the rows still running) and free them.
+
+        A request's own error (AheadlmError) is a 400; anything else is a bug, logged with its
+        traceback and answered with a 500, and the scheduler thread goes on serving the others."""
+        try:
+            call(*args)
+        except AheadlmError as e:
+            self._fail(rows, f"error:{e}")
+        except Exception as e:  # noqa: BLE001 - the thread must outlive any one request
+            log.exception("engine failure; failing the requests it touched")
+            self._fail(rows, f"internal:{type(e).__name__}: {e}")
+
+    def _fail(self, rows: list[Request] | None, finish: str) -> None:
+        for r in list(self.engine.active) if rows is None else rows:
+            self.engine.release(r)
+            r.emit([], finish)
