@@ -194,6 +194,8 @@ def test_disconnect_frees_the_slot(server):
     healthy(server)
 
 
+CHAT_X = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+
 BAD = [
     ("/v1/chat/completions", b"{not json", 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400),
@@ -227,6 +229,19 @@ BAD = [
         {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         400,
     ),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+        400,
+    ),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": True}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"7042": -100}}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400),
+    ("/v1/chat/completions", {**CHAT_X, "response_format": {"type": "json_object"}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "images": ["aGk="]}, 400),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "format": "json"}, 400),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, 400),
     ("/v1/nowhere", {"model": MODEL}, 404),
     ("/health", {}, 405),
 ]
@@ -240,6 +255,67 @@ def test_bad_requests(server, path, body, status):
     err = r.json()["error"]  # Ollama's shape on /api/..., OpenAI's elsewhere
     assert err if path.startswith("/api/") else err["message"]
     healthy(server)
+
+
+def test_off_values_of_unsupported_fields_and_lenient_content_types(server):
+    """Clients send the "off" values of fields we lack (logprobs false, penalties 0): those pass.
+    Ollama's docs post with `curl -d` (a form content type): the JSON body is read all the same."""
+    body = {**CHAT_X, "max_tokens": 2, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0}
+    r = httpx.post(server + "/v1/chat/completions", json={**body, "repetition_penalty": 1.3}, headers=H, timeout=60)
+    assert r.status_code == 200, r.text
+    form = {**H, "content-type": "application/x-www-form-urlencoded"}
+    data = json.dumps({"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
+    r = httpx.post(server + "/api/generate", content=data, headers=form, timeout=60)
+    assert r.status_code == 200 and r.json()["done"], r.text
+
+
+def test_metrics_fold_unknown_paths(server):
+    httpx.get(server + "/x%22y%0Az", headers=H, timeout=10)
+    text = httpx.get(server + "/metrics", timeout=10).text
+    assert 'endpoint="other",status="404"' in text
+    assert all(line.count('"') % 2 == 0 for line in text.splitlines())  # no broken label quoting
+
+
+def test_non_streamed_request_is_cancelled_when_the_client_leaves(server):
+    body = {"model": MODEL, "prompt": "Count forever: 1, 2, 3,", "max_tokens": 900}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server + "/v1/completions", json=body, headers=H, timeout=1.0)
+    # about 6 s of decoding were asked for; a cancelled request frees its row within a second
+    t0 = time.monotonic()
+    while httpx.get(server + "/health").json()["running"] and time.monotonic() - t0 < 3:
+        time.sleep(0.1)
+    assert httpx.get(server + "/health").json()["running"] == 0
+    healthy(server)
+
+
+def test_error_after_the_stream_started_is_its_last_event():
+    """The timeout after a 200 went out becomes a final error event (then [DONE] for SSE)."""
+    import asyncio
+
+    from aheadlm.server.app import _ends_with_error, _ndjson_error, _sse_error
+    from aheadlm.server.protocol import APIError
+
+    async def chunks():
+        yield "data: 1\n\n"
+        raise APIError(504, "generation exceeded the 4s timeout", "timeout")
+
+    async def collect(render):
+        return [c async for c in _ends_with_error(chunks(), render)]
+
+    sse = asyncio.run(collect(_sse_error))
+    assert sse[0] == "data: 1\n\n" and "exceeded" in sse[1] and sse[1].endswith("data: [DONE]\n\n")
+    nd = asyncio.run(collect(_ndjson_error))
+    assert json.loads(nd[1]) == {"error": "generation exceeded the 4s timeout"}
+
+
+def test_serve_refuses_an_empty_api_key_and_a_busy_port(server, capsys):
+    from aheadlm.cli import main
+
+    assert main(["serve", "-m", MODEL, "--api-key", ""]) == 1
+    assert "--api-key must not be empty" in capsys.readouterr().err
+    port = server.rsplit(":", 1)[1]
+    assert main(["serve", "-m", MODEL, "--port", port]) == 1
+    assert "cannot listen on" in capsys.readouterr().err
 
 
 def test_streamed_bodies(server):

@@ -24,6 +24,8 @@ from ..tokenizer import TextStream
 from . import error_handlers
 from .batching import Request as EngineRequest
 from .error_handlers import error_response
+from .metrics import endpoint_label, prometheus
+from .middleware import BodyLimit, JsonBodies
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -49,51 +51,6 @@ class ServerState:
     file_size: int = 0
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for request bodies over the limit (declared or streamed)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await _send_json(send, 413, APIError(413, f"request body over {self.limit} bytes").body())
-        if declared is not None:
-            return await self.app(scope, receive, send)
-        # A streamed (chunked) body: read it all first, so an oversized one gets the same 413
-        # rather than a parse error from inside the handler.
-        chunks, seen = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] != "http.request":
-                return  # the client went away
-            chunks.append(msg.get("body", b""))
-            seen += len(chunks[-1])
-            if seen > self.limit:
-                return await _send_json(send, 413, APIError(413, f"request body over {self.limit} bytes").body())
-            if not msg.get("more_body"):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: wait for the disconnect, as Starlette expects
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-
-async def _send_json(send, status: int, body: dict) -> None:
-    data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]})
-    await send({"type": "http.response.body", "body": data})
-
-
 def _now_rfc3339() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -102,11 +59,13 @@ def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="aheadlm", version="0.1.0")
     app.state.s = state
     app.add_middleware(BodyLimit, limit=state.max_body)
+    app.add_middleware(JsonBodies)
     tok = state.llm.tokenizer
+    known_paths: set[str] = set()  # filled once the routes below exist
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        path = request.url.path
+        path = endpoint_label(request.url.path, known_paths)
         if state.api_key and path not in ("/health", "/metrics"):
             auth = request.headers.get("authorization", "")
             if auth != f"Bearer {state.api_key}":
@@ -159,17 +118,25 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(503, str(e), "server_busy") from None
         text, matcher, done = TextStream(tok), _StopMatcher(stops), False
         deadline = time.monotonic() + state.timeout
+        next_check = time.monotonic() + 0.5
         try:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise APIError(504, f"generation exceeded the {state.timeout:.0f}s timeout", "timeout")
                 try:
-                    tokens, finish = await asyncio.wait_for(queue.get(), timeout=min(left, 0.5))
+                    item = await asyncio.wait_for(queue.get(), timeout=min(left, 0.5))
                 except asyncio.TimeoutError:
-                    if await http.is_disconnected():
+                    item = None
+                # checked while tokens flow too: a client that gave up on a long non-streamed
+                # answer must free its row, not hold it to the end
+                if time.monotonic() >= next_check:
+                    if await _client_gone(http):
                         return
+                    next_check = time.monotonic() + 0.5
+                if item is None:
                     continue
+                tokens, finish = item
                 if finish and finish.startswith("error:"):
                     raise APIError(400, finish[len("error:") :], "invalid_request")
                 if finish and finish.startswith("internal:"):
@@ -242,7 +209,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         check_model(body.model)
         ids, extra = chat_ids(body.messages)
-        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p, body.seed)
+        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p, body.seed, body.repetition_penalty)
         n = budget(body.max_completion_tokens or body.max_tokens, len(ids))
         stream = run(http, ids, params, n, stops_of(body.stop) + extra)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -272,7 +239,7 @@ def create_app(state: ServerState) -> FastAPI:
                 yield _sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(req)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return StreamingResponse(_ends_with_error(sse(), _sse_error), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
@@ -285,7 +252,7 @@ def create_app(state: ServerState) -> FastAPI:
                 raise APIError(400, "prompt token ids out of the vocabulary range", "invalid_value", "prompt")
         if not ids:
             raise APIError(400, "prompt must not be empty", "invalid_value", "prompt")
-        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p, body.seed)
+        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p, body.seed, body.repetition_penalty)
         n = budget(body.max_tokens, len(ids))
         stream = run(http, ids, params, n, stops_of(body.stop))
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -309,7 +276,7 @@ def create_app(state: ServerState) -> FastAPI:
                 yield _sse({**base, "choices": [], "usage": usage(req)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        return StreamingResponse(_ends_with_error(sse(), _sse_error), media_type="text/event-stream")
 
     # -- Ollama ------------------------------------------------------------------------------------
     def ollama_params(o: OllamaOptions | None, prompt_len: int) -> tuple[SamplingParams, int, list[str]]:
@@ -351,7 +318,7 @@ def create_app(state: ServerState) -> FastAPI:
                 if finish:
                     yield json.dumps({**wrap(""), **ollama_final(req, finish, t0)}) + "\n"
 
-        return StreamingResponse(ndjson(), media_type="application/x-ndjson")
+        return StreamingResponse(_ends_with_error(ndjson(), _ndjson_error), media_type="application/x-ndjson")
 
     @app.post("/api/generate")
     async def ollama_generate(body: OllamaGenerate, http: Request):
@@ -433,8 +400,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(prometheus(state), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus(state.scheduler), media_type="text/plain; version=0.0.4")
 
+    known_paths.update(r.path for r in app.routes)
     return app
 
 
@@ -446,8 +414,37 @@ async def _collect(stream: AsyncIterator) -> tuple[str, str, EngineRequest | Non
     return "".join(parts), finish, last
 
 
+async def _client_gone(http: Request) -> bool:
+    """Whether the client hung up. Starlette's `is_disconnected` cancels its read at once, and
+    under the http middleware that cancel always wins, so it never sees the disconnect; wait a
+    moment instead. The body has been read: the only message left to come is the disconnect."""
+    try:
+        message = await asyncio.wait_for(http.receive(), timeout=0.01)
+    except asyncio.TimeoutError:
+        return False
+    return message.get("type") == "http.disconnect"
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
+
+
+def _sse_error(e: APIError) -> str:
+    return _sse(e.body()) + "data: [DONE]\n\n"
+
+
+def _ndjson_error(e: APIError) -> str:
+    return json.dumps({"error": e.message}) + "\n"
+
+
+async def _ends_with_error(chunks: AsyncIterator[str], render) -> AsyncIterator[str]:
+    """A stream's error after its 200 went out (the timeout, an engine failure) becomes its last
+    event, so the client sees why it ended instead of a silently cut stream."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except APIError as e:
+        yield render(e)
 
 
 async def _first(stream: AsyncIterator):
@@ -463,39 +460,3 @@ async def _chain(first, stream: AsyncIterator):
         yield first
     async for item in stream:
         yield item
-
-
-def prometheus(state: ServerState) -> str:
-    m, sch = state.scheduler.metrics, state.scheduler
-    lines = [
-        "# HELP aheadlm_requests_total HTTP requests by endpoint and status.",
-        "# TYPE aheadlm_requests_total counter",
-    ]
-    for (path, code), n in sorted(m.requests.items()):
-        lines.append(f'aheadlm_requests_total{{endpoint="{path}",status="{code}"}} {n}')
-    emitted = max(0, m.completion_tokens)
-    rows = [
-        ("prompt_tokens_total", "counter", "Prompt tokens processed.", m.prompt_tokens),
-        ("completion_tokens_total", "counter", "Tokens generated.", emitted),
-        ("drafted_tokens_total", "counter", "Draft tokens proposed.", m.drafted),
-        ("accepted_tokens_total", "counter", "Draft tokens accepted.", m.accepted),
-        ("target_forwards_total", "counter", "Decode-phase target forwards.", m.target_forwards),
-        (
-            "mean_accepted_length",
-            "gauge",
-            "Tokens per target forward (tau).",
-            round(m.completion_tokens / m.target_forwards, 4) if m.target_forwards else 0,
-        ),
-        ("acceptance_rate", "gauge", "Accepted / drafted.", round(m.accepted / m.drafted, 4) if m.drafted else 0),
-        (
-            "tokens_per_second",
-            "gauge",
-            "Generated tokens per second of request decode time.",
-            round(emitted / m.decode_seconds, 3) if m.decode_seconds else 0,
-        ),
-        ("queue_depth", "gauge", "Requests waiting for a batch row.", sch.queue_depth),
-        ("running_requests", "gauge", "Requests decoding now.", sch.running),
-    ]
-    for name, kind, help_, value in rows:
-        lines += [f"# HELP aheadlm_{name} {help_}", f"# TYPE aheadlm_{name} {kind}", f"aheadlm_{name} {value}"]
-    return "\n".join(lines) + "\n"

@@ -34,10 +34,14 @@ def build_state(a) -> ServerState:
     # checked before the model loads, so a typo costs no wait
     if a.slots < 1 or a.max_queue < 1:
         raise InvalidRequestError("--slots and --max-queue must be at least 1")
+    if a.api_key is not None and not a.api_key.strip():
+        raise InvalidRequestError("--api-key must not be empty (an unset variable?); leave it out to serve without one")
     if not 0 <= a.port <= 65535:
         raise InvalidRequestError(f"--port must be in 0..65535, got {a.port}")
-    if a.timeout <= 0 or a.max_tokens < 1:
-        raise InvalidRequestError("--timeout must be positive and --max-tokens at least 1")
+    if not 0 < a.timeout < float("inf") or a.max_tokens < 1 or a.draft_max_batch < 0:
+        raise InvalidRequestError(
+            "--timeout must be a positive number, --max-tokens at least 1 and --draft-max-batch at least 0"
+        )
     llm = load(
         a.model,
         drafter=a.drafter,
@@ -78,9 +82,22 @@ def build_state(a) -> ServerState:
     )
 
 
+def _check_listen(host: str, port: int) -> None:
+    """Fail before the model loads, with one line, where uvicorn would log and exit later."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:  # in use, no such address, no permission
+        raise InvalidRequestError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+
 def run(a) -> int:
     import uvicorn
 
+    if 0 <= a.port <= 65535:
+        _check_listen(a.host, a.port)
     state = build_state(a)
     app = create_app(state)
     drafter = type(state.llm.engine.proposer).__name__ if state.llm.engine.proposer else "none"

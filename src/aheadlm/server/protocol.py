@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from ..errors import InvalidRequestError
 
@@ -44,6 +44,30 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+# Fields that would change the answer but that this server does not implement, with the values
+# that mean "off" (clients often send those): anything else is a 400, not a silent wrong answer.
+UNSUPPORTED_OPENAI = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+}
+UNSUPPORTED_OLLAMA = {"images": (None, []), "format": (None, ""), "template": (None, ""), "context": (None, [])}
+
+
+def refuse_unsupported(extra: dict[str, Any] | None, table: dict[str, tuple]) -> None:
+    for name, off in table.items():
+        if name in (extra or {}) and not any(extra[name] == o and type(extra[name]) is type(o) for o in off):
+            raise ValueError(f"{name} is not supported by this server")
+
+
 class SamplingFields(_Base):
     temperature: Number | None = Field(default=None, ge=0, le=2)
     top_p: Number | None = Field(default=None, gt=0, le=1)
@@ -55,9 +79,18 @@ class SamplingFields(_Base):
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(default=1, ge=1, le=1)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
+    repetition_penalty: Number | None = Field(default=None, gt=0, le=10)
+    """vLLM's extra field (llama.cpp style); the engine implements it."""
+
+    @model_validator(mode="after")
+    def _supported(self):
+        refuse_unsupported(self.model_extra, UNSUPPORTED_OPENAI)
+        return self
 
 
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # kept, so that Ollama's `images` can be refused
+
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -67,6 +100,8 @@ class ChatMessage(BaseModel):
         # the engine reads text only: dropping an image part would answer a question never asked
         if isinstance(v, list) and any(not isinstance(p, dict) or p.get("type") != "text" for p in v):
             raise ValueError("only text content parts are supported (this server runs a text model)")
+        if isinstance(v, list) and any(not isinstance(p.get("text"), str) for p in v):
+            raise ValueError("a text content part needs a string `text`")
         return v
 
     def text(self) -> str:
@@ -109,7 +144,16 @@ class OllamaOptions(_Base):
     stop: Stop = None
 
 
-class OllamaGenerate(_Base):
+class _OllamaRequest(_Base):
+    @model_validator(mode="after")
+    def _supported(self):
+        refuse_unsupported(self.model_extra, UNSUPPORTED_OLLAMA)
+        for m in getattr(self, "messages", None) or []:
+            refuse_unsupported(m.model_extra, UNSUPPORTED_OLLAMA)  # images ride on chat messages
+        return self
+
+
+class OllamaGenerate(_OllamaRequest):
     model: str
     prompt: str = ""
     system: str | None = None
@@ -118,7 +162,7 @@ class OllamaGenerate(_Base):
     options: OllamaOptions | None = None
 
 
-class OllamaChat(_Base):
+class OllamaChat(_OllamaRequest):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     stream: StrictBool = True
