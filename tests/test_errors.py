@@ -355,3 +355,248 @@ def test_scheduler_survives_engine_bugs():
     finally:
         sched.shutdown()
         loop.close()
+
+
+# -- audit of 2026-12-07, second round ------------------------------------------------------------
+
+
+def test_stale_kernel_build_lock_is_cleared(tmp_path):
+    """A torch `lock` left by a process killed mid-build made every later start wait forever."""
+    import threading
+
+    from torch.utils.file_baton import FileBaton
+
+    from aheadlm import kernels
+
+    if kernels.fcntl is None:
+        pytest.skip("no fcntl: torch's lock alone, as before")
+    (tmp_path / "lock").touch()
+    with kernels.build_lock(tmp_path):
+        baton = FileBaton(str(tmp_path / "lock"))
+        assert baton.try_acquire()  # the stale lock is gone: torch's load would not wait
+        baton.release()
+    # a live builder (holding our flock) is waited for, not raced
+    import fcntl
+
+    entered = threading.Event()
+
+    def build():
+        with kernels.build_lock(tmp_path):
+            entered.set()
+
+    with open(tmp_path / "aheadlm-build.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=build)
+        waiter.start()
+        assert not entered.wait(0.3)
+    assert entered.wait(10)
+    waiter.join()
+
+
+def test_kernels_load_past_a_stale_lock(tmp_path):
+    """The real build, copied (already compiled) into a fresh cache with a stale torch lock."""
+    import subprocess
+    import sys
+
+    from aheadlm.kernels import build_dir, cpu_kernels
+
+    build = build_dir()
+    if cpu_kernels() is None or not any(build.glob("*.so")):
+        pytest.skip("no compiled CPU kernels here")
+    copy = tmp_path / "kernels" / build.name
+    shutil.copytree(build, copy, ignore=shutil.ignore_patterns("lock", "aheadlm-build.lock"))
+    (copy / "lock").touch()
+    code = "from aheadlm.kernels import cpu_kernels; print(cpu_kernels() is not None)"
+    env = {**__import__("os").environ, "AHEADLM_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr
+    assert not (copy / "lock").exists()
+
+
+def _word_tokenizer(template=None, source=None):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    from aheadlm.tokenizer import Tokenizer
+
+    backend = Backend(models.WordLevel({"<unk>": 0, "hi": 1}, unk_token="<unk>"))
+    return Tokenizer(backend, bos_id=None, eos_id=None, add_bos=False, chat_template=template, template_source=source)
+
+
+def test_chat_template_errors():
+    msgs = [{"role": "user", "content": "hi"}]
+    tok = _word_tokenizer("{{ raise_exception('Conversation roles must alternate') }}")
+    with pytest.raises(InvalidRequestError, match="Conversation roles must alternate"):
+        tok.chat_ids(msgs)
+    with pytest.raises(ValueError):  # the trainer skips such conversations by catching ValueError
+        tok.chat_ids(msgs)
+    with pytest.raises(InvalidRequestError, match="chat template failed"):
+        _word_tokenizer("{{ nothing.attr }}").chat_ids(msgs)
+    with pytest.raises(WeightsError, match=r"tpl.jinja: the chat template is not valid Jinja \(line 1"):
+        _word_tokenizer("{% for m in messages %}{{ m.content }", "tpl.jinja").chat_ids(msgs)
+
+
+def test_hf_folder_chat_template_syntax_error_names_the_file(tmp_path):
+    from aheadlm.tokenizer import Tokenizer
+
+    _word_tokenizer().backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "chat_template.jinja").write_text("{% if %}")
+    tok = Tokenizer.load(tmp_path)
+    with pytest.raises(WeightsError, match="chat_template.jinja: the chat template is not valid Jinja"):
+        tok.render_chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("content", [None, b"", b"{not json", b'{"version": "1.0"}'])
+def test_hf_folder_tokenizer_missing_or_unreadable(tmp_path, content):
+    from aheadlm.tokenizer import Tokenizer
+
+    (tmp_path / "config.json").write_text("{}")
+    if content is not None:
+        (tmp_path / "tokenizer.json").write_bytes(content)
+    with pytest.raises(WeightsError, match=r"tokenizer.json: missing or unreadable \(") as e:
+        Tokenizer.load(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta"])
+def test_devices_torch_names_but_the_engine_cannot_use(device):
+    from aheadlm.api import resolve_device
+
+    with pytest.raises(InvalidRequestError, match=f"device '{device}' is not supported \\(use cpu or cuda\\)"):
+        resolve_device(device)
+    assert resolve_device("cpu") == "cpu"
+
+
+class _FakeLLM:
+    """Stands in for a loaded model in CLI tests: streams the given texts, then `after` (an exception)."""
+
+    name = "fake"
+
+    def __init__(self, *turns):
+        self.turns, self.seen = list(turns), []
+
+    def _steps(self, texts, after=None):
+        from aheadlm.outputs import Step
+
+        for i, t in enumerate(texts):
+            yield Step([i], "stop" if i == len(texts) - 1 and after is None else None, text=t)
+        if after is not None:
+            raise after
+
+    def stream(self, prompt, stats=None, **kwargs):
+        return self._steps(*self.turns.pop(0))
+
+    def stream_chat(self, messages, **kwargs):
+        self.seen.append([dict(m) for m in messages])
+        return self._steps(*self.turns.pop(0))
+
+
+def test_output_the_terminal_cannot_encode_is_replaced(monkeypatch):
+    import io
+
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="cp1252")
+    monkeypatch.setattr("sys.stdout", out)
+    monkeypatch.setattr("aheadlm.cli._load", lambda a: _FakeLLM((["hello ", "你好"],)))
+    assert main(["generate", "hi"]) == 0
+    out.flush()
+    assert raw.getvalue() == b"hello ??\n"
+
+
+def test_broken_pipe_exits_quietly(monkeypatch, capsys):
+    import io
+
+    class Closed(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("aheadlm.cli._load", lambda a: _FakeLLM((["hello"],)))
+    monkeypatch.setattr("sys.stdout", Closed())
+    assert main(["generate", "hi"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+def test_closed_stdin(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", None)
+    code, err = cli(capsys, "generate", "-", "-m", "no-such-model")
+    assert code == 1 and err == "error: no standard input to read the prompt from\n"
+    code, err = cli(capsys, "chat", "-m", "no-such-model")  # checked before loading
+    assert code == 1 and err.startswith("error: no standard input")
+
+
+def test_ctrl_c_stops_one_chat_reply(monkeypatch, capsys):
+    llm = _FakeLLM((["Once upon", " a time"], KeyboardInterrupt()), ([], KeyboardInterrupt()), (["ok"],))
+    lines = iter(["tell a story", "again", "thanks", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda _prompt="": next(lines))
+    monkeypatch.setattr("aheadlm.cli._load", lambda a: llm)
+    assert main(["chat"]) == 0
+    # the partial reply stays (it was shown); the turn interrupted before any text is dropped
+    assert llm.seen[-1] == [
+        {"role": "user", "content": "tell a story"},
+        {"role": "assistant", "content": "Once upon a time"},
+        {"role": "user", "content": "thanks"},
+    ]
+    assert capsys.readouterr().out == "Once upon a time\n\nok\n"
+
+    def interrupt(_prompt=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("builtins.input", interrupt)  # Ctrl-C at the prompt still ends the session
+    assert main(["chat"]) == 130
+
+
+def test_empty_and_pointless_drafter_names():
+    import torch
+
+    from aheadlm.proposers import make_proposer
+
+    target = torch.nn.Linear(1, 1)  # only its device is read before the spec is refused
+    for spec, message in [
+        ("ngram+draft:", "draft model's name is empty"),
+        ("draft:", "draft model's name is empty"),
+        ("", "drafter name is empty"),
+        ("ngram+ngram", "needs a model drafter X"),
+        ("ngram+none", "needs a model drafter X"),
+        ("ngram+ngram+ngram", "needs a model drafter X"),
+        ("ngram+", "needs a model drafter X"),
+    ]:
+        with pytest.raises(ModelNotFoundError, match=message):
+            make_proposer(spec, target)
+    with pytest.raises(InvalidRequestError, match="model name is empty"):
+        aheadlm.load("")
+    with pytest.raises(ModelNotFoundError, match="model name is empty"):
+        resolve("")
+
+
+def test_bench_refuses_zero_limit_and_fallback(tmp_path, capsys):
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"turns": ["hi"]}\n')
+    base = ["bench", "-m", "no-such-model", "--prompts", str(good), "--quiet"]
+    for flags, message in (
+        (["--limit", "0"], "--limit must be at least 1"),
+        (["--fallback-k", "0"], "--fallback-k must be in 1..32"),
+        (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    ):
+        code, err = cli(capsys, *base, *flags)
+        assert code == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"max_tokens": True}, "max_tokens must be a positive integer"),
+        ({"ignore_eos": "no"}, "ignore_eos must be True or False"),
+        ({"stop_token_ids": 5}, "stop_token_ids must be a list of token ids"),
+        ({"stop_token_ids": [True]}, "stop_token_ids must be a list of token ids"),
+        ({"stats": 5}, "stats must be a GenerationStats"),
+    ],
+)
+def test_bad_generate_argument_types(small_llm, kwargs, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        small_llm.generate("hi", **{"max_tokens": 2, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs", [{"draft_tokens": True}, {"fallback_k": False}, {"adaptive": "yes"}])
+def test_bool_and_non_bool_load_arguments(kwargs):
+    with pytest.raises(InvalidRequestError):
+        aheadlm.load("smollm2-135m", **kwargs)

@@ -29,6 +29,11 @@ class Completion:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+def _is_count(x) -> bool:
+    """An int that is not a bool (bools are ints in Python: True must not pass for a count or an id)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
@@ -45,11 +50,18 @@ def resolve_device(device: str | None) -> str:
     if not isinstance(device, str):
         raise InvalidRequestError(f"device must be a string such as 'cpu' or 'cuda', got {device!r}")
     try:
-        torch.device(device)
+        parsed = torch.device(device)
     except RuntimeError:
         raise InvalidRequestError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidRequestError("device 'cuda' requested but no CUDA device is available")
+    # torch also names mps, xpu, meta and more, which the engine has never run on
+    if parsed.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"device {device!r} is not supported (use cpu or cuda)")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidRequestError(f"device {device!r} requested but no CUDA device is available")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise InvalidRequestError(f"device {device!r} requested but there are {n} CUDA devices (cuda:0..{n - 1})")
     return device
 
 
@@ -145,11 +157,18 @@ class LLM:
     ) -> Iterator[Step]:
         """Yield `Step`s with text deltas; the last one has `finish_reason` set."""
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        if not _is_count(max_tokens) or max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not isinstance(ignore_eos, bool):
+            raise InvalidRequestError(f"ignore_eos must be True or False, got {ignore_eos!r}")
+        if stats is not None and not isinstance(stats, GenerationStats):
+            raise InvalidRequestError(f"stats must be a GenerationStats or None, got {type(stats).__name__}")
+        extra_ids = list(stop_token_ids) if isinstance(stop_token_ids, list | tuple | set | frozenset) else None
+        if extra_ids is None or not all(_is_count(i) for i in extra_ids):
+            raise InvalidRequestError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
         stops = _stop_list(stop)
         ids = self._prompt_ids(prompt)
-        stop_ids = tuple(stop_token_ids) + (() if ignore_eos else self.tokenizer.stop_ids)
+        stop_ids = tuple(extra_ids) + (() if ignore_eos else self.tokenizer.stop_ids)
         steps = self.engine.generate(ids, params, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats)
         text = TextStream(self.tokenizer)
         matcher = _StopMatcher(stops)
@@ -175,7 +194,8 @@ class LLM:
                 return
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
-        stats = kwargs.pop("stats", None) or GenerationStats()
+        stats = kwargs.pop("stats", None)
+        stats = GenerationStats() if stats is None else stats  # anything else is checked by stream
         text, ids, reason = [], [], "length"
         for step in self.stream(prompt, stats=stats, **kwargs):
             text.append(step.text)
@@ -229,17 +249,23 @@ def load(
     in "ngram+X" when lookup finds nothing (None: k)."""
     if not isinstance(model, str | os.PathLike):
         raise InvalidRequestError(f"model must be a name or a path, got {type(model).__name__}")
-    if n_ctx is not None and (not isinstance(n_ctx, int) or isinstance(n_ctx, bool) or n_ctx < 1):
+    if not str(model).strip():  # Path("") is the current folder: "./config.json missing" would mislead
+        raise InvalidRequestError("the model name is empty: give a registered name, a GGUF file or a folder")
+    if n_ctx is not None and (not _is_count(n_ctx) or n_ctx < 1):
         raise InvalidRequestError(f"n_ctx must be a positive integer, got {n_ctx!r}")
     reg = REGISTRY.get(str(model))
     if draft_tokens is None:
         draft_tokens = reg.default_draft_tokens if drafter is None and reg is not None else 4
-    if not isinstance(draft_tokens, int) or not 1 <= draft_tokens <= 32:
+    if not _is_count(draft_tokens) or not 1 <= draft_tokens <= 32:
         raise InvalidRequestError(f"draft_tokens must be in 1..32, got {draft_tokens!r}")
-    if fallback_k is not None and (not isinstance(fallback_k, int) or not 1 <= fallback_k <= 32):
+    if fallback_k is not None and (not _is_count(fallback_k) or not 1 <= fallback_k <= 32):
         raise InvalidRequestError(f"fallback_k must be in 1..32, got {fallback_k!r}")
-    if threshold is not None and (not isinstance(threshold, int | float) or not 0.0 <= threshold <= 1.0):
+    if threshold is not None and (
+        not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0
+    ):
         raise InvalidRequestError(f"threshold must be in 0..1, got {threshold!r}")
+    if adaptive is not None and not isinstance(adaptive, bool):
+        raise InvalidRequestError(f"adaptive must be True, False or None, got {adaptive!r}")
     path = resolve(model)
     device = resolve_device(device)
     net, tokenizer = load_model(path, resolve_dtype(dtype), device)

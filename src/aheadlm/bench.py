@@ -38,8 +38,10 @@ class Prompt:
 def read_prompts(path: str, category: str | None = None, limit: int | None = None, skip: int = 0) -> list[Prompt]:
     """Prompts of a Spec-Bench jsonl or a text file (one per line); `skip` drops the first N of each
     category and `limit` keeps the next N, so a later run can use prompts no earlier decision saw."""
-    if skip < 0 or (limit is not None and limit < 0):
-        raise InvalidRequestError(f"--skip and --limit must not be negative, got {skip} and {limit}")
+    if skip < 0:
+        raise InvalidRequestError(f"--skip must not be negative, got {skip}")
+    if limit is not None and limit < 1:  # 0 would otherwise read as "no limit" and run every prompt
+        raise InvalidRequestError(f"--limit must be at least 1, got {limit}")
     p = Path(path)
     if not p.is_file():
         raise InvalidRequestError(f"prompt file {path} not found" if not p.exists() else f"{path} is not a file")
@@ -178,7 +180,12 @@ def parse_methods(
 
 
 def run_bench(args) -> dict:
-    prompts = read_prompts(args.prompts, args.category, args.limit, args.skip)  # before the slow load
+    # Everything checkable is checked before the slow load.
+    if args.fallback_k is not None and not 1 <= args.fallback_k <= 32:
+        raise InvalidRequestError(f"--fallback-k must be in 1..32, got {args.fallback_k}")
+    if args.max_tokens < 1:
+        raise InvalidRequestError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    prompts = read_prompts(args.prompts, args.category, args.limit, args.skip)
     llm = load(args.model, drafter="none", dtype=args.dtype, device=args.device)
     target = llm.engine.model
     runners: dict[str, LLM] = {}

@@ -6,7 +6,9 @@ aheadlm generate "The history of the printing press begins" --max-tokens 64 --st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -92,10 +94,19 @@ def _load(a: argparse.Namespace):
     )
 
 
+def _read_stdin() -> str:
+    if sys.stdin is None:  # started with standard input closed (`<&-`)
+        raise InvalidRequestError("no standard input to read the prompt from")
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(f"standard input is not valid text in {sys.stdin.encoding} ({e.reason})") from None
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     from .engine import GenerationStats
 
-    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    prompt = _read_stdin() if a.prompt == "-" else a.prompt
     llm = _load(a)
     stats = GenerationStats()
     kwargs = _sampling_kwargs(a)
@@ -133,12 +144,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
+    if sys.stdin is None:  # checked before the slow load; input() would fail with "lost sys.stdin"
+        raise InvalidRequestError("no standard input to read chat messages from")
     llm = _load(a)
     history: list[dict] = []
     if a.system:
         history.append({"role": "system", "content": a.system})
     print(
-        f"aheadlm chat with {llm.name}. /reset clears the conversation, /exit or Ctrl-D quits.",
+        f"aheadlm chat with {llm.name}. /reset clears the conversation, Ctrl-C stops a reply, /exit or Ctrl-D quits.",
         file=sys.stderr,
     )
     while True:
@@ -161,6 +174,15 @@ def cmd_chat(a: argparse.Namespace) -> int:
                 reply.append(step.text)
                 sys.stdout.write(step.text)
                 sys.stdout.flush()
+        except KeyboardInterrupt:
+            # Ctrl-C stops this reply only. What was shown stays in the history, so the model sees
+            # the conversation the user saw; a turn interrupted before any text is dropped whole.
+            sys.stdout.write("\n")
+            if "".join(reply).strip():
+                history.append({"role": "assistant", "content": "".join(reply).strip()})
+            else:
+                history.pop()
+            continue
         except AheadlmError as e:  # one bad turn (a conversation past the context, bad text) keeps the session
             history.pop()
             hint = " (/reset starts a new conversation)" if isinstance(e, ContextLengthError) else ""
@@ -314,12 +336,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A terminal or pipe that cannot encode some characters (cp1252, ascii) shows "?" for them
+    # instead of the stream dying with UnicodeEncodeError mid-reply.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except AheadlmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`| head`). As the Python docs advise, point stdout at devnull so the
+        # interpreter's final flush does not fail again, and exit quietly with 141, the status of a
+        # Unix tool killed by SIGPIPE, so `set -o pipefail` scripts see what they expect.
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no real file behind stdout (tests)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as e:  # the file system's answer (a file where a folder should be, no space) is the message
         print(f"error: {e}", file=sys.stderr)
         return 1

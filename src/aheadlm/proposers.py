@@ -349,6 +349,8 @@ def make_proposer(
     from .registry import REGISTRY, default_drafter_dir, resolve
 
     device = next(target.parameters()).device
+    if spec is not None and not spec.strip():
+        raise ModelNotFoundError("the drafter name is empty: use none, ngram, mtp, draft:MODEL or a drafter folder")
     if spec is None:
         reg = REGISTRY.get(model_name or "")
         sibling = _assistant_beside(model_name)
@@ -366,6 +368,10 @@ def make_proposer(
         first, _, rest = spec.partition("+")
         if first != "ngram":
             raise ModelNotFoundError(f"drafter {spec!r}: combinations are ngram+PROPOSER")
+        if rest in ("", "ngram", "none") or "+" in rest:  # lookup behind lookup, or behind nothing, adds nothing
+            raise ModelNotFoundError(
+                f"drafter {spec!r}: ngram+X needs a model drafter X (mtp, draft:MODEL or a drafter folder)"
+            )
         if fallback_k is None and rest == "mtp" and model_name in REGISTRY:  # the shipped pair's measured cap
             fallback_k = REGISTRY[model_name].default_fallback_k
         # Behind lookup the drafter's threshold measured level (docs/benchmarks.md): none unless asked.
@@ -384,6 +390,8 @@ def make_proposer(
     if spec == "ngram":
         return NgramProposer()
     if spec.startswith("draft:"):
+        if not spec[len("draft:") :].strip():
+            raise ModelNotFoundError(f"drafter {spec!r}: the draft model's name is empty (draft:MODEL)")
         draft_model, _ = load_model(resolve(spec[len("draft:") :]), dtype or target.embed_dtype(), device)
         if draft_model.config.vocab_size != target.config.vocab_size:
             raise DrafterMismatchError("the draft model's vocabulary differs from the target's")

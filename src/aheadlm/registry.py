@@ -92,6 +92,8 @@ def resolve(model: str | os.PathLike) -> Path:
     """A model path (GGUF file or HF folder) from a path or a registered short name."""
     if isinstance(model, str) and model in REGISTRY:
         return resolve_registered(model)
+    if not str(model).strip():  # Path("") is the current folder, which would be searched for a model
+        raise ModelNotFoundError("the model name is empty: give a GGUF file, a Hugging Face model folder or a name")
     p = Path(model).expanduser()
     if p.exists():
         return p

@@ -24,6 +24,11 @@ PLAIN_CHAT_TEMPLATE = (
 PLAIN_CHAT_STOP = ("\nUser:",)
 
 
+class ChatTemplateError(InvalidRequestError, ValueError):
+    """The chat template refused a conversation (`raise_exception`, e.g. roles that do not
+    alternate). Also a ValueError, which callers that skip such conversations catch."""
+
+
 class Tokenizer:
     """Encode/decode with explicit BOS handling and a chat template."""
 
@@ -36,12 +41,14 @@ class Tokenizer:
         add_bos: bool,
         chat_template: str | None = None,
         extra_eos_ids: tuple[int, ...] = (),
+        template_source: str | None = None,
     ):
         self.backend = backend
         self.bos_id = bos_id
         self.eos_id = eos_id
         self.add_bos = add_bos
         self.chat_template = chat_template
+        self.template_source = template_source  # the file named when the template is broken
         ids = [eos_id] if eos_id is not None else []
         for tok in _END_OF_TURN:
             tid = backend.token_to_id(tok)
@@ -76,19 +83,36 @@ class Tokenizer:
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation, using the model's template or the plain format."""
-        if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from jinja2 import TemplateError
 
-            def raise_exception(msg):
-                raise ValueError(msg)
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template or PLAIN_CHAT_TEMPLATE)
+        template = self.compiled_template()
         special = {}
         for name, tid in (("bos_token", self.bos_id), ("eos_token", self.eos_id)):
             special[name] = self.backend.id_to_token(tid) if tid is not None else ""
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        try:
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+        except TemplateError as e:  # e.g. a variable the sandbox refuses, a filter on the wrong type
+            raise ChatTemplateError(f"the chat template failed on these messages: {e}") from None
+
+    def compiled_template(self):
+        """The Jinja template, compiled on first use; a broken one is the model's fault (WeightsError)."""
+        if self._template is None:
+            from jinja2 import TemplateSyntaxError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(msg):
+                raise ChatTemplateError(f"chat template: {msg}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            try:
+                self._template = env.from_string(self.chat_template or PLAIN_CHAT_TEMPLATE)
+            except TemplateSyntaxError as e:
+                where = self.template_source or "the model's chat template"
+                raise WeightsError(
+                    f"{where}: the chat template is not valid Jinja (line {e.lineno}: {e.message})"
+                ) from None
+        return self._template
 
     def chat_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         text = self.render_chat(messages)
@@ -112,13 +136,11 @@ class Tokenizer:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
         """Load a tokenizer saved by `save`, or a Hugging Face model folder's tokenizer."""
-        from tokenizers import Tokenizer as Backend
-
         d = Path(directory)
         ours = d / "aheadlm_tokenizer.json"
         if ours.exists():
-            cfg = json.loads(ours.read_text())
-            return cls(Backend.from_file(str(d / "tokenizer.json")), **cfg)
+            cfg = _read_json(ours)
+            return cls(_read_backend(d / "tokenizer.json"), **cfg)
         return _from_hf_folder(d)
 
     @classmethod
@@ -151,20 +173,39 @@ def _from_hf_tokenizer(tok) -> Tokenizer:
     )
 
 
-def _from_hf_folder(d: Path) -> Tokenizer:
+def _read_backend(path: Path):
     from tokenizers import Tokenizer as Backend
 
+    try:
+        return Backend.from_file(str(path))
+    except Exception as e:  # the Rust library raises a bare Exception for any unreadable or malformed file
+        raise WeightsError(f"{path}: missing or unreadable ({e})") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: unreadable ({e})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object")
+    return data
+
+
+def _from_hf_folder(d: Path) -> Tokenizer:
     tj = d / "tokenizer.json"
     cfg_path = d / "tokenizer_config.json"
-    if not tj.exists():
+    if not tj.exists():  # a folder with only a SentencePiece model: transformers converts it
         from transformers import AutoTokenizer
 
         try:
             return _from_hf_tokenizer(AutoTokenizer.from_pretrained(str(d)))
         except (ValueError, OSError) as e:
-            raise WeightsError(f"{d}: no usable tokenizer ({e})") from None
-    backend = Backend.from_file(str(tj))
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+            # transformers' message spans lines; one line keeps the CLI's `error:` readable
+            why = " ".join(str(e).split())
+            raise WeightsError(f"{tj}: missing or unreadable (no such file, and transformers: {why})") from None
+    backend = _read_backend(tj)
+    cfg = _read_json(cfg_path) if cfg_path.exists() else {}
 
     def token_id(value):
         if isinstance(value, dict):
@@ -175,7 +216,7 @@ def _from_hf_folder(d: Path) -> Tokenizer:
     extra: list[int] = []
     gen = d / "generation_config.json"
     if gen.exists():
-        g = json.loads(gen.read_text())
+        g = _read_json(gen)
         e = g.get("eos_token_id")
         extra = [e] if isinstance(e, int) else list(e or [])
         if bos_id is None and isinstance(g.get("bos_token_id"), int):
@@ -186,10 +227,10 @@ def _from_hf_folder(d: Path) -> Tokenizer:
     if add_bos is None:
         with_special = backend.encode("a", add_special_tokens=True).ids
         add_bos = bos_id is not None and with_special[:1] == [bos_id]
-    template = cfg.get("chat_template")
+    template, source = cfg.get("chat_template"), cfg_path
     tpl_file = d / "chat_template.jinja"
     if template is None and tpl_file.exists():
-        template = tpl_file.read_text()
+        template, source = tpl_file.read_text(), tpl_file
     if isinstance(template, list):  # named templates: take the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return Tokenizer(
@@ -197,8 +238,9 @@ def _from_hf_folder(d: Path) -> Tokenizer:
         bos_id=bos_id,
         eos_id=eos_id,
         add_bos=bool(add_bos),
-        chat_template=template,
+        chat_template=template if isinstance(template, str) else None,
         extra_eos_ids=tuple(extra),
+        template_source=str(source),
     )
 
 

@@ -6,11 +6,17 @@ faster on CPUs where the BLAS handles skinny products poorly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import warnings
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: builds are serialized by torch's lock file alone
+    fcntl = None
 
 _SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 
@@ -41,34 +47,67 @@ def _build_flags() -> tuple[str, ...]:
     return flags
 
 
+@contextlib.contextmanager
+def build_lock(build: Path):
+    """Hold the build folder for one process. torch's own lock (`<build>/lock`, a file that merely
+    exists) outlives a process killed mid-build and makes every later start wait forever; our flock
+    dies with its holder, so while we hold it any torch `lock` there is stale and is removed."""
+    if fcntl is None:
+        yield
+        return
+    with open(build / "aheadlm-build.lock", "a") as f:  # closing it releases the flock
+        held = True
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not any(build.glob("*.so")):  # else the holder is only loading them: a short wait
+                from ..progress import status
+
+                status("waiting for another aheadlm process to finish compiling the CPU kernels")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (some network mounts): torch's lock alone
+            held = False
+        if held:
+            (build / "lock").unlink(missing_ok=True)
+        yield
+
+
+def build_dir() -> Path:
+    """The folder this process's kernels are compiled into (one per source, torch and flags)."""
+    import torch
+
+    from ..registry import cache_dir
+
+    src = b"".join(p.read_bytes() for p in [_SOURCE, *sorted(_SOURCE.parent.glob("*.h"))])
+    flags = " ".join(_build_flags())
+    tag = hashlib.sha256(src + torch.__version__.encode() + flags.encode()).hexdigest()[:12]
+    return cache_dir() / "kernels" / tag
+
+
 @functools.cache
 def cpu_kernels():
     """The compiled extension module, or None when unavailable (no AVX2, no compiler, disabled)."""
     if os.environ.get("AHEADLM_KERNELS", "1") == "0" or not cpu_supports_avx2():
         return None
-    import torch
     from torch.utils import cpp_extension
 
     from ..progress import status
-    from ..registry import cache_dir
 
-    src = b"".join(p.read_bytes() for p in [_SOURCE, *sorted(_SOURCE.parent.glob("*.h"))])
-    flags = list(_build_flags())
-    tag = hashlib.sha256(src + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
-    build = cache_dir() / "kernels" / tag
-    build.mkdir(parents=True, exist_ok=True)
-    if not any(build.glob("*.so")):
-        status("Compiling aheadlm CPU kernels (once, about a minute)")
+    build = build_dir()
     try:
-        return cpp_extension.load(
-            name=f"aheadlm_cpu_kernels_{tag}",
-            sources=[str(_SOURCE)],
-            extra_include_paths=[str(_SOURCE.parent)],
-            build_directory=str(build),
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        build.mkdir(parents=True, exist_ok=True)
+        with build_lock(build):
+            if not any(build.glob("*.so")):
+                status("Compiling aheadlm CPU kernels (once, about a minute)")
+            return cpp_extension.load(
+                name=f"aheadlm_cpu_kernels_{build.name}",
+                sources=[str(_SOURCE)],
+                extra_include_paths=[str(_SOURCE.parent)],
+                build_directory=str(build),
+                extra_cflags=list(_build_flags()),
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
     except (RuntimeError, OSError, ImportError) as e:
         warnings.warn(f"aheadlm CPU kernels unavailable, using dense matmuls ({e})", stacklevel=2)
         return None
