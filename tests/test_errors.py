@@ -600,3 +600,39 @@ def test_bad_generate_argument_types(small_llm, kwargs, message):
 def test_bool_and_non_bool_load_arguments(kwargs):
     with pytest.raises(InvalidRequestError):
         aheadlm.load("smollm2-135m", **kwargs)
+
+
+def test_collections_and_numpy_integers_are_accepted(small_llm):
+    """What worked before the argument checks keeps working: sets of stop strings, ranges and numpy
+    arrays of stop ids, numpy integers as counts and token ids, a tuple of messages."""
+    base = small_llm.generate("Count: 1, 2, 3, 4,", max_tokens=3)
+    for kw in ({"stop_token_ids": range(0, 3)}, {"stop_token_ids": np.array([13])}, {"max_tokens": np.int64(3)}):
+        assert small_llm.generate("Count: 1, 2, 3, 4,", **{"max_tokens": 3, **kw}).token_ids == base.token_ids
+    assert small_llm.generate("Count: 1, 2, 3, 4,", max_tokens=3, stop={base.text[:2]}).finish_reason == "stop"
+    ids = small_llm.tokenizer.encode("Count: 1, 2, 3, 4,")
+    assert small_llm.generate([np.int64(i) for i in ids], max_tokens=3).token_ids == base.token_ids
+    assert small_llm.chat(({"role": "user", "content": "hi"},), max_tokens=2).token_ids
+
+
+def test_plot_takes_what_matplotlib_writes(tmp_path, capsys):
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"turns": ["hi"]}\n')
+    base = ["bench", "-m", "no-such-model", "--methods", "ngram", "--prompts", str(good), "--quiet"]
+    for name in ("p.webp", "p.svgz", "plot"):  # checked, then the run fails on the model
+        code, err = cli(capsys, *base, "--plot", str(tmp_path / name))
+        assert code == 1 and "not found" in err and "--plot" not in err
+
+
+def test_serve_listen_check_knows_ipv6():
+    import socket
+
+    from aheadlm.server.cli import _check_listen
+
+    try:
+        with socket.create_server(("::1", 0), family=socket.AF_INET6) as s:
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    _check_listen("::1", port)  # free again: no error
+    with socket.create_server(("::1", port), family=socket.AF_INET6), pytest.raises(InvalidRequestError):
+        _check_listen("::1", port)

@@ -221,6 +221,25 @@ def test_data_folder_of_another_model_or_settings_is_refused(tiny, tmp_path, cap
     assert not (out / "data" / "source.json").exists()  # nothing is claimed about the old shards
 
 
+def test_more_tokens_add_to_the_data(tiny, tmp_path, capsys):
+    """Rerunning with a larger --tokens on the same data folder adds data (docs/training.md) instead
+    of being refused: the old prompts are the first of the new ones, and the old partial last shard
+    is written again, complete. A smaller or otherwise different prompt list is still refused."""
+    from aheadlm.train.distill import load_shard
+
+    data = tmp_path / "data"
+    argv = ["train-drafter", "-m", str(tiny / "narrow"), *TINY, "--steps", "0", "--data", str(tiny / "words.txt")]
+    argv += ["--data-dir", str(data)]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert len(load_shard(data / "shard_00000.safetensors")) == 8
+    assert main([*argv, "--out", str(tmp_path / "b"), "--tokens", "128"]) == 0
+    assert json.loads((data / "source.json").read_text())["prompts"] == 16
+    assert len(load_shard(data / "shard_00000.safetensors")) == 16
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "c"), "--tokens", "64"]) == 1
+    assert "was generated with --tokens 128, not --tokens 64" in _err(capsys)
+
+
 def test_resume_names_a_shape_mismatch(tiny, tmp_path, capsys):
     """--resume with other shape flags names the flag instead of calling the checkpoint corrupt; a
     run without --resume does not write over an earlier run's checkpoints; a checkpoint whose

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -30,8 +31,8 @@ class Completion:
 
 
 def _is_count(x) -> bool:
-    """An int that is not a bool (bools are ints in Python: True must not pass for a count or an id)."""
-    return isinstance(x, int) and not isinstance(x, bool)
+    """An integer (numpy's too) that is not a bool: True must not pass for a count or an id."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -109,7 +110,8 @@ def _through_stop(tokenizer: Tokenizer, before: list[int], new: list[int], stops
 
 
 def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, list | tuple) else stop
+    collection = isinstance(stop, list | tuple | set | frozenset)
+    stops = [stop] if isinstance(stop, str) else list(stop) if collection else stop
     if stops is None:
         return []
     if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
@@ -135,9 +137,9 @@ class LLM:
         # bytes would pass as a sequence of ints: refuse it rather than read it as token ids
         ok = isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray)
         ids = list(prompt) if ok else []
-        if not ok or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        if not ok or not all(_is_count(i) for i in ids):
             raise InvalidRequestError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        return ids
+        return [int(i) for i in ids]
 
     def stream(
         self,
@@ -163,9 +165,15 @@ class LLM:
             raise InvalidRequestError(f"ignore_eos must be True or False, got {ignore_eos!r}")
         if stats is not None and not isinstance(stats, GenerationStats):
             raise InvalidRequestError(f"stats must be a GenerationStats or None, got {type(stats).__name__}")
-        extra_ids = list(stop_token_ids) if isinstance(stop_token_ids, list | tuple | set | frozenset) else None
-        if extra_ids is None or not all(_is_count(i) for i in extra_ids):
-            raise InvalidRequestError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
+        bad_ids = InvalidRequestError(f"stop_token_ids must be a list of token ids, got {stop_token_ids!r}")
+        try:  # any collection of ids: a list, a range, a numpy array; not a string or a lone int
+            given = list(stop_token_ids) if not isinstance(stop_token_ids, str | bytes) else None
+        except TypeError:
+            given = None
+        if given is None or not all(_is_count(i) for i in given):
+            raise bad_ids
+        extra_ids = [int(i) for i in given]
+        max_tokens = int(max_tokens)
         stops = _stop_list(stop)
         ids = self._prompt_ids(prompt)
         stop_ids = tuple(extra_ids) + (() if ignore_eos else self.tokenizer.stop_ids)
@@ -206,7 +214,7 @@ class LLM:
     def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
         """Token ids for a conversation and the stop strings its format needs."""
         if (
-            not isinstance(messages, list)
+            not isinstance(messages, list | tuple)
             or not messages
             or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
         ):
@@ -214,7 +222,7 @@ class LLM:
         if not all(isinstance(m.get("content"), str) for m in messages):
             raise InvalidRequestError("each message's content must be a string")
         extra_stop = [] if self.tokenizer.has_chat_template else list(PLAIN_CHAT_STOP)
-        return self.tokenizer.chat_ids(messages), extra_stop
+        return self.tokenizer.chat_ids(list(messages)), extra_stop
 
     def stream_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> Iterator[Step]:
         ids, extra_stop = self.chat_prompt(messages)
@@ -271,6 +279,7 @@ def load(
     net, tokenizer = load_model(path, resolve_dtype(dtype), device)
     if tokenizer is None:
         raise InvalidRequestError(f"{path}: no tokenizer found next to the weights")
+    n_ctx = None if n_ctx is None else int(n_ctx)  # a numpy integer becomes a plain one
     ctx = min(n_ctx or net.config.max_position, net.config.max_position)
     proposer = make_proposer(
         None if drafter is None else str(drafter),

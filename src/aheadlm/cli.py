@@ -235,8 +235,12 @@ def cmd_bench(a: argparse.Namespace) -> int:
     for flag, path in (("--json", a.json), ("--plot", a.plot)):
         if path and Path(path).is_dir():
             raise InvalidRequestError(f"{flag} {path} is a folder; give a file name")
-    if a.plot and Path(a.plot).suffix.lower() not in (".png", ".svg", ".pdf", ".jpg", ".jpeg"):
-        raise InvalidRequestError(f"--plot {a.plot}: use a .png, .svg, .pdf or .jpg file name")
+    if a.plot and Path(a.plot).suffix:  # no suffix: matplotlib writes a PNG
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if Path(a.plot).suffix.lower()[1:] not in kinds:
+            raise InvalidRequestError(f"--plot {a.plot}: matplotlib writes {', '.join(sorted(kinds))}")
     result = run_bench(a)
     print_table(result)
     if a.json:

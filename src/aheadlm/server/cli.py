@@ -87,7 +87,8 @@ def _check_listen(host: str, port: int) -> None:
     import socket
 
     try:
-        with socket.create_server((host, port)):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]  # IPv6 hosts such as ::
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as e:  # in use, no such address, no permission
         raise InvalidRequestError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None

@@ -27,7 +27,7 @@ def install(app: FastAPI) -> None:
         errs = exc.errors()
         first = errs[0] if errs else {}
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        msg = first.get("msg", "invalid request")
+        msg = first.get("msg", "invalid request").removeprefix("Value error, ")  # pydantic's wrapper
         if first.get("type") == "json_invalid":
             msg, loc = "request body is not valid JSON", ""
         elif first.get("type") == "missing" and not loc:

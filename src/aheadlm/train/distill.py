@@ -86,9 +86,11 @@ def write_shards(
             "per_shard": per_shard,
             "copy_layers": sorted(copy_layers),
             "prompts": len(prompts),
-            "prompts_sha256": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+            "prompts_sha256": _digest(prompts),
         }
-        check_source(out, record, write=generate)
+        grown = check_source(out, record, write=generate, prefix_sha256=lambda n: _digest(prompts[:n]))
+        if grown and grown % per_shard:  # the old last shard was partial: write it again, complete
+            (out / f"shard_{grown // per_shard:05d}.safetensors").unlink(missing_ok=True)
     layers = feature_layers(model, copy_layers)
     paths = []
     n_shards = (len(prompts) + per_shard - 1) // per_shard
@@ -127,6 +129,10 @@ def write_shards(
     return paths
 
 
+def _digest(prompts: list) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+
+
 SOURCE = "source.json"
 """The record beside a folder's shards of what wrote them (`write_shards`'s `source`)."""
 
@@ -136,6 +142,20 @@ IDENTITY = ("model_file", "hidden_size", "vocab_size", "num_layers")
 
 def _target(rec: dict) -> str:
     return f"{rec.get('model', 'a target')} (hidden {rec['hidden_size']}, vocabulary {rec['vocab_size']})"
+
+
+def _grows(old: dict, new: dict, prefix_sha256) -> bool:
+    """Whether `new` only asks for more of the same data: more --tokens (or --corpus-tokens), and the
+    old prompts are the first of the new ones. Generated data then grows (the documented way to
+    add data); teacher-forced texts shift with --tokens, but any text the target read is valid."""
+    size = {"tokens", "corpus-tokens"}
+    flags, old_flags = new.get("flags", {}), old.get("flags", {})
+    if any(old_flags.get(k) != v for k, v in flags.items() if k not in size and k in old_flags):
+        return False
+    if new["teacher_forced"]:
+        return True
+    n = old.get("prompts", 0)
+    return 0 < n <= new["prompts"] and prefix_sha256 is not None and prefix_sha256(n) == old.get("prompts_sha256")
 
 
 def _mismatch(old: dict, new: dict, out: Path) -> str | None:
@@ -170,10 +190,12 @@ def _mismatch(old: dict, new: dict, out: Path) -> str | None:
     return None
 
 
-def check_source(out: Path, record: dict, write: bool = True) -> None:
+def check_source(out: Path, record: dict, write: bool = True, prefix_sha256=None) -> int:
     """Refuse shards in `out` that were written for another target or other settings than
     `record` says; with `write`, record it when `out` has no shards yet. A folder written before
-    records existed is checked by the width of its hidden states only."""
+    records existed is checked by the width of its hidden states only. Data that only grows (see
+    `_grows`; `prefix_sha256(n)` digests the first n prompts) is accepted and its record updated:
+    returns the old prompt count then, else 0."""
     from safetensors import SafetensorError, safe_open
 
     path = out / SOURCE
@@ -189,9 +211,16 @@ def check_source(out: Path, record: dict, write: bool = True) -> None:
                 f"{path} is unreadable ({e}): delete it to check the shards by shape only"
             ) from None
     if shards and old is not None:
+        same_target = not any(old.get(k) != record.get(k) for k in IDENTITY if k in old and k in record)
+        same_kind = old.get("teacher_forced") == record["teacher_forced"]
+        if same_target and same_kind and _mismatch(old, record, out) and _grows(old, record, prefix_sha256):
+            status(f"{out}: adding to the shards written with {old.get('prompts')} prompts")
+            if write:
+                _write_record(path, record)
+            return old.get("prompts", 0) if not record["teacher_forced"] else 0
         if why := _mismatch(old, record, out):
             raise InvalidRequestError(why)
-        return
+        return 0
     if shards:
         try:
             with safe_open(str(shards[0]), "pt") as f:
@@ -203,12 +232,17 @@ def check_source(out: Path, record: dict, write: bool = True) -> None:
                 f"{out} holds shards of a target with hidden size {width}, not {_target(record)}: use another --out"
             )
         status(f"{out}: no record of what generated these shards (an older aheadlm); using them as they are")
-        return
+        return 0
     if write:
-        # written whole, then renamed: a killed run must not leave half a record
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(path)
+        _write_record(path, record)
+    return 0
+
+
+def _write_record(path: Path, record: dict) -> None:
+    # written whole, then renamed: a killed run must not leave half a record
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
 
 
 def save_shard(seqs: list[Sequence], path: Path, meta: dict | None = None) -> None:
