@@ -152,10 +152,14 @@ def _grows(old: dict, new: dict, prefix_sha256) -> bool:
     flags, old_flags = new.get("flags", {}), old.get("flags", {})
     if any(old_flags.get(k) != v for k, v in flags.items() if k not in size and k in old_flags):
         return False
+    if any(old.get(k) != new[k] for k in ("max_new_tokens", "seed", "per_shard")):
+        return False
+    if not set(new["copy_layers"]) <= set(old.get("copy_layers", [])):
+        return False
     if new["teacher_forced"]:
         return True
     n = old.get("prompts", 0)
-    return 0 < n <= new["prompts"] and prefix_sha256 is not None and prefix_sha256(n) == old.get("prompts_sha256")
+    return 0 < n < new["prompts"] and prefix_sha256 is not None and prefix_sha256(n) == old.get("prompts_sha256")
 
 
 def _mismatch(old: dict, new: dict, out: Path) -> str | None:
