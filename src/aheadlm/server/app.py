@@ -75,7 +75,7 @@ def create_app(state: ServerState) -> FastAPI:
         try:
             resp = await call_next(request)
         except APIError as e:
-            resp = error_response(path, e)
+            resp = error_response(request.url.path, e)  # the real path picks the error's shape
         state.scheduler.metrics.requests[(path, resp.status_code)] += 1
         return resp
 

@@ -140,6 +140,14 @@ IDENTITY = ("model_file", "hidden_size", "vocab_size", "num_layers")
 """Record fields that name the target: shards of another target do not fit its drafter."""
 
 
+SETTINGS = ("max_new_tokens", "seed", "per_shard")
+"""Record fields beside the flags that shape the generated data."""
+
+
+def _same_target(old: dict, new: dict) -> bool:
+    return not any(old.get(k) != new.get(k) for k in IDENTITY if k in old and k in new)
+
+
 def _target(rec: dict) -> str:
     return f"{rec.get('model', 'a target')} (hidden {rec['hidden_size']}, vocabulary {rec['vocab_size']})"
 
@@ -148,11 +156,13 @@ def _grows(old: dict, new: dict, prefix_sha256) -> bool:
     """Whether `new` only asks for more of the same data: more --tokens (or --corpus-tokens), and the
     old prompts are the first of the new ones. Generated data then grows (the documented way to
     add data); teacher-forced texts shift with --tokens, but any text the target read is valid."""
+    if not _same_target(old, new) or old.get("teacher_forced") != new["teacher_forced"]:
+        return False
     size = {"tokens", "corpus-tokens"}
     flags, old_flags = new.get("flags", {}), old.get("flags", {})
     if any(old_flags.get(k) != v for k, v in flags.items() if k not in size and k in old_flags):
         return False
-    if any(old.get(k) != new[k] for k in ("max_new_tokens", "seed", "per_shard")):
+    if any(old.get(k) != new[k] for k in SETTINGS):
         return False
     if not set(new["copy_layers"]) <= set(old.get("copy_layers", [])):
         return False
@@ -165,7 +175,7 @@ def _grows(old: dict, new: dict, prefix_sha256) -> bool:
 def _mismatch(old: dict, new: dict, out: Path) -> str | None:
     """Why the shards in `out`, written as `old` records, must not be used as `new` asks (None:
     they may)."""
-    if any(old.get(k) != new.get(k) for k in IDENTITY if k in old and k in new):
+    if not _same_target(old, new):
         return f"{out} was generated for {_target(old)}, not {_target(new)}: use another --out (or --data-dir)"
     again = "rerun with those flags, or use another --out (or --data-dir)"
     if old.get("teacher_forced") != new["teacher_forced"]:
@@ -176,7 +186,7 @@ def _mismatch(old: dict, new: dict, out: Path) -> str | None:
     if changed := [k for k in flags if k in old_flags and old_flags[k] != flags[k]]:
         was = " ".join(f"--{k} {old_flags[k]}" for k in changed)
         return f"{out} was generated with {was}, not {' '.join(f'--{k} {flags[k]}' for k in changed)}: {again}"
-    if changed := [k for k in ("max_new_tokens", "seed", "per_shard") if old.get(k) != new[k]]:
+    if changed := [k for k in SETTINGS if old.get(k) != new[k]]:
         k = changed[0]
         return f"{out} was generated with {k} {old.get(k)}, not {new[k]}: {again}"
     if old.get("prompts_sha256") != new["prompts_sha256"]:
@@ -215,14 +225,13 @@ def check_source(out: Path, record: dict, write: bool = True, prefix_sha256=None
                 f"{path} is unreadable ({e}): delete it to check the shards by shape only"
             ) from None
     if shards and old is not None:
-        same_target = not any(old.get(k) != record.get(k) for k in IDENTITY if k in old and k in record)
-        same_kind = old.get("teacher_forced") == record["teacher_forced"]
-        if same_target and same_kind and _mismatch(old, record, out) and _grows(old, record, prefix_sha256):
+        why = _mismatch(old, record, out)
+        if why and _grows(old, record, prefix_sha256):
             status(f"{out}: adding to the shards written with {old.get('prompts')} prompts")
             if write:
                 _write_record(path, record)
             return old.get("prompts", 0) if not record["teacher_forced"] else 0
-        if why := _mismatch(old, record, out):
+        if why:
             raise InvalidRequestError(why)
         return 0
     if shards:
