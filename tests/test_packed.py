@@ -139,6 +139,52 @@ def test_rope_kernel_is_bit_identical_to_the_tensor_ops(d):
         assert torch.equal(apply_rope(x, cos, sin), want)
 
 
+def _attention_reference(q, k, v, kpos, qpos, scale, window, strict):
+    """Float64 softmax attention with the kernel's visibility rule; rows that see nothing are 0."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    kp, qp = kpos[:, None, None, :], qpos[:, None, :, None]
+    ok = (kp >= 0) & ((kp < qp) if strict else (kp <= qp))
+    if window:
+        ok &= qp - kp < window
+    s = ((q.double() @ kk.transpose(-1, -2)) * scale).masked_fill(~ok, float("-inf"))
+    return torch.softmax(s, -1).nan_to_num(0.0) @ vv
+
+
+@pytest.mark.parametrize("d", [8, 64, 80, 256])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 1), (9, 3), (2, 2)])
+@pytest.mark.parametrize("window,strict", [(0, False), (7, False), (0, True)])
+def test_attention_kernel_matches_float64_and_is_batch_invariant(d, heads, kv_heads, window, strict):
+    """The attention kernel (tiles of query rows over shared keys) is within 1e-5 of float64, and
+    each query row's output is bit-identical whatever else is computed with it: alone, in any
+    batch, with more empty slots after the cache's end, on one thread or two."""
+    K, g = cpu_kernels(), torch.Generator().manual_seed(0)
+    B, S, T = 2, 37, 5
+    q = torch.randn(B, heads, T, d, generator=g)
+    k, v = torch.randn(B, kv_heads, S, d, generator=g), torch.randn(B, kv_heads, S, d, generator=g)
+    kpos = torch.arange(S).repeat(B, 1)
+    kpos[1, 30:], kpos[0, 5] = -1, -1  # empty slots
+    qpos = torch.stack([torch.arange(S - T, S), torch.arange(30 - T, 30)])
+    qpos[1, 0] = -5  # a row that sees no key
+    out = K.attention(q, k, v, kpos, qpos, 0.3, window, strict)
+    assert (out.double() - _attention_reference(q, k, v, kpos, qpos, 0.3, window, strict)).abs().max() < 1e-5
+    assert torch.equal(out[1, :, 0], torch.zeros(heads, d))
+    for b in range(B):
+        for t in range(T):
+            alone = K.attention(q[b : b + 1, :, t : t + 1], k[b : b + 1], v[b : b + 1], kpos[b : b + 1],
+                                qpos[b : b + 1, t : t + 1], 0.3, window, strict)  # fmt: skip
+            assert torch.equal(alone[0, :, 0], out[b, :, t]), (b, t)
+    more = torch.randn(B, kv_heads, 11, d, generator=g)
+    wider = (torch.cat([k, more], 2), torch.cat([v, more], 2), torch.cat([kpos, torch.full((B, 11), -1)], 1))
+    assert torch.equal(K.attention(q, *wider[:2], wider[2], qpos, 0.3, window, strict), out)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(K.attention(q, k, v, kpos, qpos, 0.3, window, strict), out)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _packed_tiny(arch: str, fmt: str):
     """A tiny model with every matrix packed (bf16, or blocks of 32 with int8 or 4-bit values)."""
     from aheadlm.packed import quantize_q8
@@ -194,6 +240,29 @@ def test_compiled_layers_are_bit_identical_to_the_per_op_path(arch, fmt):
     assert ref.groups.keys() == cache.groups.keys()
     if arch == "gemma3":
         assert any(grp.ring for grp in cache.groups.values())  # the ring wrapped (lengths above 16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_prefill_equals_decoding_token_by_token(arch):
+    """A prompt prefilled in chunks gives the same logits, hidden state and cache, bit for bit, as
+    the same tokens decoded one at a time (Gemma 3's sliding-window ring wraps), so K/V computed
+    while decoding are the ones a later prompt holding those tokens would compute."""
+    from aheadlm.engine import Engine
+
+    config, model = _packed_tiny(arch, "q8")
+    engine = Engine(model, max_step=64)
+    assert engine.prefill_step == 64 and Engine(model).prefill_step == 64
+    ids = torch.randint(0, 160, (150,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.inference_mode():
+        chunked = engine.new_cache(160)
+        logits, hidden = engine.prefill(chunked, ids)
+        single = engine.new_cache(160)
+        for t in ids:
+            one, h = engine._forward(single, [t], 1)
+    assert torch.equal(logits, one[0, -1]) and torch.equal(hidden, h[0, -1])
+    assert all(torch.equal(a, b) for a, b in zip(chunked.k + chunked.v, single.k + single.v, strict=True))
+    if arch == "gemma3":
+        assert any(grp.ring for grp in chunked.groups.values())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from . import speculative
+from . import fused, speculative
 from .errors import ContextLengthError, InvalidRequestError
 from .kv_cache import DEFAULT_MAX_STEP, KVCache
 from .model import Transformer
@@ -43,6 +43,16 @@ class Engine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
 
+    @property
+    def prefill_step(self) -> int:
+        """Prompt tokens per forward. Where the layers are compiled, prompts go through them in
+        chunks of at most `fused.MAX_ROWS`, the same batch-invariant kernels as decoding, so a
+        prompt's K/V and logits equal, bit for bit, those of the same tokens decoded one at a time
+        (on CPU this is also faster than larger chunks through SDPA)."""
+        compiled = self.device.type == "cpu" and self.dtype == torch.float32
+        compiled = compiled and any(b.compiled is not None for b in self.model.layers)
+        return min(self.max_step, fused.MAX_ROWS) if compiled else self.max_step
+
     def new_cache(self, tokens_needed: int) -> KVCache:
         return KVCache(
             self.config,
@@ -61,9 +71,10 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, cache: KVCache, tokens: list[int]):
         """Run the prompt in chunks; returns (last logits `[V]`, last hidden `[H]`)."""
-        for i in range(0, len(tokens), self.max_step):
-            chunk = tokens[i : i + self.max_step]
-            last = i + self.max_step >= len(tokens)
+        step = self.prefill_step
+        for i in range(0, len(tokens), step):
+            chunk = tokens[i : i + step]
+            last = i + step >= len(tokens)
             logits, hidden = self._forward(cache, chunk, 1 if last else 0)
         return logits[0, -1], hidden[0, -1]
 

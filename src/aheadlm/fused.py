@@ -18,7 +18,7 @@ from .packed import PackedEmbedding, PackedLinear, fuse
 
 MAX_ROWS = 64
 """Most tokens per sequence a compiled layer takes (the attention kernel's limit; prefill chunks
-beyond it use the per-op path with SDPA)."""
+beyond it use the per-op path with SDPA; `Engine.prefill` stays within it)."""
 
 
 def takes(x: torch.Tensor) -> bool:

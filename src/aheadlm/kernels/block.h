@@ -12,6 +12,7 @@
 #include <optional>
 #include <vector>
 
+#include "attention.h"
 #include "gemm.h"
 #include "intgemm.h"
 
@@ -163,7 +164,7 @@ class Block {
   // x [B, T, H]; cos, sin [B, 1, T, head_dim]; kc, vc the cache [B, kv_heads, slots, head_dim]; slots
   // [B, T] where the new keys go (None for a query-only layer); kpos [B, >= end] the position held
   // by each slot (-1 empty, already updated for the new tokens); qpos [B, T]. Attends over slots
-  // [0, end) as `attend_row` does. Returns the layer's output [B, T, H]; writes the new keys and
+  // [0, end) as `attend_tile` does. Returns the layer's output [B, T, H]; writes the new keys and
   // values into kc, vc.
   torch::Tensor forward(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor kc, torch::Tensor vc,
                         std::optional<torch::Tensor> slots, torch::Tensor kpos, torch::Tensor qpos, int64_t window,
@@ -221,19 +222,9 @@ class Block {
 
     // Attention over the cache, written as [B, T, heads * D] (the o projection's input).
     std::vector<float> a(M * nq);
-    const int64_t group = heads_ / kc.size(1), kps0 = kpos.stride(0);
-    const int64_t* kpp = kpos.data_ptr<int64_t>();
-    const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(end * D, 1));
-    at::parallel_for(0, B * heads_ * T, grain, [&](int64_t i0, int64_t i1) {
-      std::vector<float> score(end);
-      std::vector<char> seen(end);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / (heads_ * T), hd = (i / T) % heads_, t = i % T, kh = hd / group;
-        attend_row(q.data() + i * D, kcp + b * ks0 + kh * ks1, ks2, vcp + b * vs0 + kh * vs1, vs2, kpp + b * kps0, end,
-                   D, qpp[b * T + t], window, strict, scale_, score.data(), seen.data(),
-                   a.data() + (b * T + t) * nq + hd * D);
-      }
-    });
+    AttnProblem p{q.data(), B, heads_, T, D, heads_ / kc.size(1), kcp, vcp, ks0, ks1, ks2, vs0, vs1, vs2,
+                  kpos.data_ptr<int64_t>(), kpos.stride(0), qpp, end, window, strict, scale_, a.data(), T * nq, D, nq};
+    attend(p);
     auto x1 = torch::empty({B, T, H}, x.options());
     float* x1p = x1.data_ptr<float>();
     o_.run(a.data(), M, x1p);

@@ -11,6 +11,7 @@
 #include <optional>
 #include <vector>
 
+#include "attention.h"
 #include "block.h"
 #include "copy.h"
 #include "draft.h"
@@ -22,7 +23,7 @@ using namespace aheadlm;
 namespace {
 
 // q [B, Hq, T, D]; k, v [B, Hkv, S, D] (D contiguous); kpos [B, S] slot positions (-1 empty);
-// qpos [B, T]. Visibility as in `attend_row`; rows that see no key are zero.
+// qpos [B, T]. Visibility as in `attend_tile`; rows that see no key are zero.
 torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kpos, torch::Tensor qpos,
                         double scale, int64_t window, bool strict) {
   TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
@@ -31,28 +32,13 @@ torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch
   q = q.contiguous();
   qpos = qpos.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), S = k.size(2), group = Hq / Hkv;
   auto out = torch::empty_like(q);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const int64_t* kpp = kpos.data_ptr<int64_t>();
-  const int64_t* qpp = qpos.data_ptr<int64_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
-  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2), kps0 = kpos.stride(0);
-  const float sc = static_cast<float>(scale);
-  // Small problems stay on one thread: waking a second one costs more than the work.
-  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(S * D, 1));
-  at::parallel_for(0, B * Hq * T, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> score(S);
-    std::vector<char> seen(S);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (Hq * T), h = (i / T) % Hq, t = i % T, kh = h / group;
-      attend_row(qp + i * D, kp + b * ks0 + kh * ks1, ks2, vp + b * vs0 + kh * vs1, vs2, kpp + b * kps0, S, D,
-                 qpp[b * T + t], window, strict, sc, score.data(), seen.data(), op + i * D);
-    }
-  });
+  const int64_t Hkv = k.size(1);
+  AttnProblem p{q.data_ptr<float>(), B, Hq, T, D, Hq / Hkv, k.data_ptr<float>(), v.data_ptr<float>(),
+                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                kpos.data_ptr<int64_t>(), kpos.stride(0), qpos.data_ptr<int64_t>(), k.size(2), window, strict,
+                static_cast<float>(scale), out.data_ptr<float>(), Hq * T * D, T * D, D};
+  attend(p);
   return out;
 }
 

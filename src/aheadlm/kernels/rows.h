@@ -58,37 +58,4 @@ inline void rope_row(const float* xr, const float* c, const float* s, float* yr,
   }
 }
 
-// One query row qr (D floats) over slots [0, S) of one KV head (keys kb, values vb, row strides ks,
-// vs; kpos the position held by each slot, -1 empty). A key is visible when 0 <= kpos <= pos
-// (kpos < pos if `strict`) and, with a window, pos - kpos < window. Keys are visited in slot order.
-// o gets the softmax-weighted values, or zeros when no key is visible. score and seen hold S entries.
-inline void attend_row(const float* qr, const float* kb, int64_t ks, const float* vb, int64_t vs, const int64_t* kpos,
-                       int64_t S, int64_t D, int64_t pos, int64_t window, bool strict, float sc, float* score,
-                       char* seen, float* o) {
-  std::fill(o, o + D, 0.f);
-  float mx = -INFINITY;
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t p = kpos[s];
-    seen[s] = p >= 0 && (strict ? p < pos : p <= pos) && (window <= 0 || pos - p < window);
-    if (!seen[s]) continue;
-    score[s] = dot(qr, kb + s * ks, D) * sc;
-    mx = std::max(mx, score[s]);
-  }
-  if (mx == -INFINITY) return;
-  float total = 0.f;
-  for (int64_t s = 0; s < S; ++s) {
-    if (!seen[s]) continue;
-    const float e = std::exp(score[s] - mx);
-    total += e;
-    const float* vr = vb + s * vs;
-    const __m256 ev = _mm256_set1_ps(e);
-    int64_t d = 0;
-    for (; d + 8 <= D; d += 8)
-      _mm256_storeu_ps(o + d, _mm256_fmadd_ps(ev, _mm256_loadu_ps(vr + d), _mm256_loadu_ps(o + d)));
-    for (; d < D; ++d) o[d] += e * vr[d];
-  }
-  const float inv = 1.f / total;
-  for (int64_t d = 0; d < D; ++d) o[d] *= inv;
-}
-
 }  // namespace aheadlm
