@@ -49,6 +49,23 @@ def tiny_hf(arch: str, seed: int = 0, **overrides):
     return model.float().eval()
 
 
+def packed_tiny(arch: str, fmt: str):
+    """A tiny model with every matrix packed (bf16, or blocks of 32 with int8 or 4-bit values)."""
+    from aheadlm.packed import quantize_q8
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    hf = tiny_hf(arch, **shape)
+    config = from_hf_config(hf.config.to_dict())
+    tensors = []
+    for name, t in hf_state_dict(hf.state_dict().items(), config):
+        if t.dim() == 2 and name.endswith(".weight"):
+            t = t.bfloat16() if fmt == "bf16" else quantize_q8(t)
+            if fmt == "q4":  # values -8..7, kept two to a byte
+                t.q = (t.q // 16).clamp(-8, 7)
+        tensors.append((name, t))
+    return config, build_model(config, tensors, packed=True)
+
+
 def ours_from_hf(hf_model, dtype=torch.float32):
     config = from_hf_config(hf_model.config.to_dict())
     tensors = hf_state_dict(hf_model.state_dict().items(), config)

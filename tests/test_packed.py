@@ -9,7 +9,7 @@ from aheadlm.kernels import cpu_kernels
 from aheadlm.kv_cache import KVCache
 from aheadlm.packed import PackedLinear, QTensor
 
-from helpers import tiny_hf
+from helpers import packed_tiny, tiny_hf
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no AVX2 kernels on this CPU")
 
@@ -185,30 +185,13 @@ def test_attention_kernel_matches_float64_and_is_batch_invariant(d, heads, kv_he
         torch.set_num_threads(threads)
 
 
-def _packed_tiny(arch: str, fmt: str):
-    """A tiny model with every matrix packed (bf16, or blocks of 32 with int8 or 4-bit values)."""
-    from aheadlm.packed import quantize_q8
-
-    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    hf = tiny_hf(arch, **shape)
-    config = from_hf_config(hf.config.to_dict())
-    tensors = []
-    for name, t in hf_state_dict(hf.state_dict().items(), config):
-        if t.dim() == 2 and name.endswith(".weight"):
-            t = t.bfloat16() if fmt == "bf16" else quantize_q8(t)
-            if fmt == "q4":  # values -8..7, kept two to a byte
-                t.q = (t.q // 16).clamp(-8, 7)
-        tensors.append((name, t))
-    return config, build_model(config, tensors, packed=True)
-
-
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("fmt", ["bf16", "q8", "q4"])
 def test_compiled_layers_are_bit_identical_to_the_per_op_path(arch, fmt):
     """A decoder layer in one compiled call (`fused.py`) gives the same logits, hidden states and
     cache contents, bit for bit, as the per-op path: padded batch rows, decode steps, verification
     chunks, and (Gemma 3) sliding-window rings that wrap around."""
-    config, model = _packed_tiny(arch, fmt)
+    config, model = packed_tiny(arch, fmt)
     compiled = [b.compiled for b in model.layers]
     assert all(c is not None for c in compiled)
     assert all(m.bits == (4 if fmt == "q4" else 8) for m in model.modules() if isinstance(m, PackedLinear) and m.block)
@@ -249,7 +232,7 @@ def test_prefill_equals_decoding_token_by_token(arch):
     while decoding are the ones a later prompt holding those tokens would compute."""
     from aheadlm.engine import Engine
 
-    config, model = _packed_tiny(arch, "q8")
+    config, model = packed_tiny(arch, "q8")
     engine = Engine(model, max_step=64)
     assert engine.prefill_step == 64 and Engine(model).prefill_step == 64
     ids = torch.randint(0, 160, (150,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -271,7 +254,7 @@ def test_compiled_draft_layers_are_bit_identical_to_the_per_op_path(arch, tmp_pa
     bit-identically to their per-op path over the target's sliding and full K/V."""
     from aheadlm.drafter import DrafterConfig, MTPDrafter, load_drafter, save_drafter
 
-    config, target = _packed_tiny(arch, "q8")
+    config, target = packed_tiny(arch, "q8")
     cfg = DrafterConfig.for_target(config, num_layers=2, num_centroids=8, centroid_top_k=3)
     drafter = MTPDrafter(cfg).init_weights(generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -13,6 +13,7 @@ import torch
 from .checkpoint import load_model
 from .engine import Engine, GenerationStats, Step
 from .errors import InvalidRequestError
+from .prompt_cache import PromptCache
 from .proposers import make_proposer
 from .registry import REGISTRY, resolve
 from .sampling import SamplingParams
@@ -120,12 +121,22 @@ def _stop_list(stop: str | Sequence[str] | None) -> list[str]:
 
 
 class LLM:
-    """A loaded target model (and, when given, its drafter), ready to generate."""
+    """A loaded target model (and, when given, its drafter), ready to generate.
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, name: str):
+    It keeps the KV cache of its last sequence (`prompt_cache`), so a prompt that extends it, such
+    as the next turn of a chat, prefills only its new tokens; outputs are the same either way.
+    `prompt_cache=False` turns that off, `clear_cache()` drops what is kept."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, name: str, prompt_cache: bool = True):
         self.engine = engine
         self.tokenizer = tokenizer
         self.name = name
+        self.prompt_cache = PromptCache() if prompt_cache else None
+
+    def clear_cache(self) -> None:
+        """Forget the kept KV cache (it holds memory in proportion to the last sequence's length)."""
+        if self.prompt_cache is not None:
+            self.prompt_cache.clear()
 
     @property
     def config(self):
@@ -177,7 +188,9 @@ class LLM:
         stops = _stop_list(stop)
         ids = self._prompt_ids(prompt)
         stop_ids = tuple(extra_ids) + (() if ignore_eos else self.tokenizer.stop_ids)
-        steps = self.engine.generate(ids, params, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats)
+        steps = self.engine.generate(
+            ids, params, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats, prompt_cache=self.prompt_cache
+        )
         text = TextStream(self.tokenizer)
         matcher = _StopMatcher(stops)
         for step in steps:

@@ -193,7 +193,8 @@ def run_bench(args) -> dict:
         prop = make_proposer(spec, target, model_name=args.model, threshold=th, fallback_k=args.fallback_k)
         if spec not in ("none",) and prop is None:
             raise InvalidRequestError(f"method {spec!r} has no drafter for {args.model}")
-        runners[label] = LLM(Engine(target, proposer=prop, spec=SpecConfig(k, adaptive)), llm.tokenizer, llm.name)
+        engine = Engine(target, proposer=prop, spec=SpecConfig(k, adaptive))
+        runners[label] = LLM(engine, llm.tokenizer, llm.name, prompt_cache=False)  # every prompt prefilled in full
     greedy = args.temperature < GREEDY_BELOW
     tallies: dict[str, dict[str, Tally]] = {m: defaultdict(Tally) for m in runners}
     # Warm up every method once (allocations, caches) before timing.

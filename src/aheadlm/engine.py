@@ -15,6 +15,7 @@ from .errors import ContextLengthError, InvalidRequestError
 from .kv_cache import DEFAULT_MAX_STEP, KVCache
 from .model import Transformer
 from .outputs import GenerationStats, Step
+from .prompt_cache import PromptCache, cache_size
 from .proposers import Proposer
 from .sampling import SamplingParams, apply_repetition_penalty, next_token
 from .speculative import SpecConfig
@@ -44,14 +45,27 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
 
     @property
-    def prefill_step(self) -> int:
-        """Prompt tokens per forward. Where the layers are compiled, prompts go through them in
-        chunks of at most `fused.MAX_ROWS`, the same batch-invariant kernels as decoding, so a
-        prompt's K/V and logits equal, bit for bit, those of the same tokens decoded one at a time
-        (on CPU this is also faster than larger chunks through SDPA)."""
+    def exact_prefill(self) -> bool:
+        """Whether prompts run through the compiled layers (CPU, float32), the same batch-invariant
+        kernels as decoding, so that a prompt's K/V and logits equal, bit for bit, those of the same
+        tokens decoded one at a time (what makes a kept `PromptCache` exact)."""
         compiled = self.device.type == "cpu" and self.dtype == torch.float32
-        compiled = compiled and any(b.compiled is not None for b in self.model.layers)
-        return min(self.max_step, fused.MAX_ROWS) if compiled else self.max_step
+        return compiled and all(b.compiled is not None for b in self.model.layers)
+
+    @property
+    def prefill_step(self) -> int:
+        """Prompt tokens per forward: at most `fused.MAX_ROWS` through compiled layers (on CPU also
+        faster than larger chunks through SDPA), else `max_step`."""
+        return min(self.max_step, fused.MAX_ROWS) if self.exact_prefill else self.max_step
+
+    def open_cache(self, prompt: list[int], needed: int, kept: PromptCache | None) -> tuple[KVCache, int]:
+        """A cache with room for `needed` tokens (at most the context) for `prompt`, and how many of
+        the prompt's tokens it already holds: from `kept` where that is exact, else none."""
+        if kept is None or not self.exact_prefill:
+            return self.new_cache(needed), 0
+        size = cache_size(needed, self.n_ctx)
+        cache, reused = kept.take(prompt, size)
+        return (cache, reused) if cache is not None else (self.new_cache(size), 0)
 
     def new_cache(self, tokens_needed: int) -> KVCache:
         return KVCache(
@@ -101,9 +115,12 @@ class Engine:
         stop_ids: tuple[int, ...] = (),
         generator: torch.Generator | None = None,
         stats: GenerationStats | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> Iterator[Step]:
         """Decode `prompt`: speculatively when the engine has a proposer, else one target forward
-        per token. Yields a `Step` per round; the last one carries `finish_reason`."""
+        per token. Yields a `Step` per round; the last one carries `finish_reason`. With
+        `prompt_cache`, the prompt's prefix that cache holds is not prefilled again, and the
+        sequence's cache is kept there when generation ends (or is stopped)."""
         params = params or SamplingParams()
         self.check_prompt(prompt, max_tokens)
         stats = stats if stats is not None else GenerationStats()
@@ -120,37 +137,50 @@ class Engine:
                 stop_ids=stop_ids,
                 generator=generator,
                 stats=stats,
+                prompt_cache=prompt_cache,
             )
             return
-        cache = self.new_cache(len(prompt) + max_tokens)
+        yield from self._plain(prompt, params, max_tokens, stop_ids, generator, stats, prompt_cache)
+
+    def _plain(self, prompt, params, max_tokens, stop_ids, generator, stats, kept) -> Iterator[Step]:
+        limit = min(self.n_ctx, len(prompt) + max_tokens)
+        cache, safe = self.open_cache(prompt, limit, kept)
+        stats.cached_tokens = safe
+        tokens = list(prompt)  # then each output; the cache holds K/V for tokens[:safe]
         penalty = params.repetition_penalty or 1.0
         seen = torch.tensor(prompt, device=self.device)
-
-        t0 = time.perf_counter()
-        logits, _ = self.prefill(cache, prompt)
-        stats.prefill_s = time.perf_counter() - t0
-        t_step = time.perf_counter()
-        n_out = 0
-        while True:
-            if penalty != 1.0:
-                logits = apply_repetition_penalty(logits[None], seen[None], penalty)[0]
-            tok = int(next_token(logits[None], params, generator)[0])
-            n_out += 1
-            stats.completion_tokens = n_out
-            finish = None
-            if tok in stop_ids:
-                finish = "stop"
-            elif n_out >= max_tokens or len(prompt) + n_out >= cache.max_len:
-                finish = "length"
-            now = time.perf_counter()
-            stats.decode_s += now - t_step
-            yield Step([] if finish == "stop" else [tok], finish, now - t_step)
-            if finish:
-                return
+        try:
+            t0 = time.perf_counter()
+            logits, _ = self.prefill(cache, prompt[safe:])
+            safe = len(prompt)
+            stats.prefill_s = time.perf_counter() - t0
             t_step = time.perf_counter()
-            if penalty != 1.0:
-                seen = torch.cat([seen, seen.new_tensor([tok])])
-            logits, _ = self._forward(cache, [tok], 1)
-            logits = logits[0, -1]
-            stats.target_forwards += 1
-            stats.target_s += time.perf_counter() - t_step
+            n_out = 0
+            while True:
+                if penalty != 1.0:
+                    logits = apply_repetition_penalty(logits[None], seen[None], penalty)[0]
+                tok = int(next_token(logits[None], params, generator)[0])
+                n_out += 1
+                stats.completion_tokens = n_out
+                finish = None
+                if tok in stop_ids:
+                    finish = "stop"
+                elif n_out >= max_tokens or len(prompt) + n_out >= limit:
+                    finish = "length"
+                now = time.perf_counter()
+                stats.decode_s += now - t_step
+                yield Step([] if finish == "stop" else [tok], finish, now - t_step)
+                if finish:
+                    return
+                t_step = time.perf_counter()
+                if penalty != 1.0:
+                    seen = torch.cat([seen, seen.new_tensor([tok])])
+                tokens.append(tok)
+                logits, _ = self._forward(cache, [tok], 1)
+                safe += 1
+                logits = logits[0, -1]
+                stats.target_forwards += 1
+                stats.target_s += time.perf_counter() - t_step
+        finally:  # also when the caller stops early or a forward fails: keep only what completed
+            if kept is not None and self.exact_prefill:
+                kept.keep(cache, tokens[:safe])

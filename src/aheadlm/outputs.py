@@ -23,6 +23,8 @@ class Step:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose K/V came from an earlier request (`PromptCache`), not prefilled again."""
     completion_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -58,6 +60,7 @@ class GenerationStats:
         total = self.prefill_s + self.decode_s
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "completion_tokens": self.completion_tokens,
             "prefill_s": round(self.prefill_s, 4),
             "decode_s": round(self.decode_s, 4),

@@ -118,10 +118,13 @@ def generate(
     stop_ids: tuple[int, ...],
     generator: torch.Generator,
     stats,
+    prompt_cache=None,
 ) -> Iterator:
-    model = engine.model
     limit = min(engine.n_ctx, len(prompt) + max_tokens)  # total tokens the sequence may reach
-    cache = engine.new_cache(min(engine.n_ctx, limit + spec.num_draft + 1))
+    cache, safe = engine.open_cache(prompt, limit + spec.num_draft + 1, prompt_cache)
+    stats.cached_tokens = safe
+    tokens = list(prompt)  # then each emitted token; the cache holds K/V for tokens[:safe]
+    model = engine.model
     penalty = params.repetition_penalty or 1.0
     controller = AdaptiveK(spec.num_draft) if spec.adaptive else None
     proposer.begin(prompt)
@@ -129,63 +132,68 @@ def generate(
     stats.drafted_by_position = [0] * width
     stats.accepted_by_position = [0] * width
 
-    t0 = time.perf_counter()
-    logits, hidden = engine.prefill(cache, prompt)
-    stats.prefill_s = time.perf_counter() - t0
-    t_round = time.perf_counter()
-    logits = _penalized(logits[None], prompt, [], penalty)[0]
-    first = int(next_token(logits[None], params, generator)[0])
-    tokens = list(prompt)
-    new, drafted, accepted = [first], 0, 0
-    while True:
-        emit, finish = [], None
-        for t in new:
-            if t in stop_ids:
-                finish = "stop"
-                break
-            emit.append(t)
-            tokens.append(t)
-            if len(tokens) >= limit:
-                finish = "length"
-                break
-        stats.completion_tokens = len(tokens) - len(prompt) + (finish == "stop")
-        now = time.perf_counter()
-        stats.decode_s += now - t_round
-        yield Step(emit, finish, now - t_round, drafted, accepted)
-        if finish:
-            return
+    try:
+        t0 = time.perf_counter()
+        logits, hidden = engine.prefill(cache, prompt[safe:])
+        safe = len(prompt)
+        stats.prefill_s = time.perf_counter() - t0
         t_round = time.perf_counter()
-        state = SpecState(tokens, hidden, cache, model)
-        proposer.after_verify(state)
+        logits = _penalized(logits[None], prompt, [], penalty)[0]
+        first = int(next_token(logits[None], params, generator)[0])
+        new, drafted, accepted = [first], 0, 0
+        while True:
+            emit, finish = [], None
+            for t in new:
+                if t in stop_ids:
+                    finish = "stop"
+                    break
+                emit.append(t)
+                tokens.append(t)
+                if len(tokens) >= limit:
+                    finish = "length"
+                    break
+            stats.completion_tokens = len(tokens) - len(prompt) + (finish == "stop")
+            now = time.perf_counter()
+            stats.decode_s += now - t_round
+            yield Step(emit, finish, now - t_round, drafted, accepted)
+            if finish:
+                return
+            t_round = time.perf_counter()
+            state = SpecState(tokens, hidden, cache, model)
+            proposer.after_verify(state)
 
-        # Propose: no more drafts than fit in the cache or can still be emitted.
-        n = len(tokens)
-        k = controller.choose() if controller else spec.num_draft
-        k = max(0, min(k, cache.max_len - n, limit - n - 1))
-        td = time.perf_counter()
-        draft = proposer.propose(state, k, params, generator) if k else Draft([])
-        drafts = draft.tokens[:k]
-        tt = time.perf_counter()
-        stats.draft_s += tt - td
+            # Propose: no more drafts than fit in the cache or can still be emitted.
+            n = len(tokens)
+            k = controller.choose() if controller else spec.num_draft
+            k = max(0, min(k, cache.max_len - n, limit - n - 1))
+            td = time.perf_counter()
+            draft = proposer.propose(state, k, params, generator) if k else Draft([])
+            drafts = draft.tokens[:k]
+            tt = time.perf_counter()
+            stats.draft_s += tt - td
 
-        # Verify [last token, drafts] in one target forward.
-        x = torch.tensor([[tokens[-1]] + drafts], device=engine.device)
-        pos = torch.arange(n - 1, n + len(drafts), device=engine.device)[None]
-        out_logits, out_hidden = model(x, pos, cache)
-        stats.target_s += time.perf_counter() - tt
-        stats.target_forwards += 1
-        accepted, bonus = judge(out_logits[0], drafts, draft.probs, params, generator, tokens)
+            # Verify [last token, drafts] in one target forward.
+            x = torch.tensor([[tokens[-1]] + drafts], device=engine.device)
+            pos = torch.arange(n - 1, n + len(drafts), device=engine.device)[None]
+            out_logits, out_hidden = model(x, pos, cache)
+            stats.target_s += time.perf_counter() - tt
+            stats.target_forwards += 1
+            accepted, bonus = judge(out_logits[0], drafts, draft.probs, params, generator, tokens)
 
-        # Roll back to [.., last token, accepted drafts]; the bonus is the new unprocessed token.
-        cache.trim(n + accepted)
-        hidden = out_hidden[0, accepted]
-        new, drafted = drafts[:accepted] + [bonus], len(drafts)
-        stats.drafted += len(drafts)
-        stats.accepted += accepted
-        for i in range(len(drafts)):
-            stats.drafted_by_position[i] += 1
-            stats.accepted_by_position[i] += i < accepted
-        tally = stats.by_source.setdefault(draft.source if drafts else "", [0, 0, 0])
-        tally[0], tally[1], tally[2] = tally[0] + 1, tally[1] + len(drafts), tally[2] + accepted
-        if controller:
-            controller.update(len(drafts), accepted, time.perf_counter() - td)
+            # Roll back to [.., last token, accepted drafts]; the bonus is the new unprocessed token.
+            cache.trim(n + accepted)
+            safe = n + accepted  # tokens gets the accepted drafts at the top of the next round
+            hidden = out_hidden[0, accepted]
+            new, drafted = drafts[:accepted] + [bonus], len(drafts)
+            stats.drafted += len(drafts)
+            stats.accepted += accepted
+            for i in range(len(drafts)):
+                stats.drafted_by_position[i] += 1
+                stats.accepted_by_position[i] += i < accepted
+            tally = stats.by_source.setdefault(draft.source if drafts else "", [0, 0, 0])
+            tally[0], tally[1], tally[2] = tally[0] + 1, tally[1] + len(drafts), tally[2] + accepted
+            if controller:
+                controller.update(len(drafts), accepted, time.perf_counter() - td)
+    finally:  # also when the caller stops early or a forward fails: keep only what completed
+        if prompt_cache is not None and engine.exact_prefill:
+            prompt_cache.keep(cache, tokens[:safe])

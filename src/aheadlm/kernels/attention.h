@@ -238,10 +238,12 @@ inline void attend_tile(int n, const float* const* q, const int64_t* pos, float*
   // Scores, -inf where hidden: each block of keys is read once for the tile, and not at all when
   // no row of the tile sees it.
   const vec scale = vbroadcast(&sc);
+  int64_t lo = Sp, hi = 0;  // the blocks of slots some row of the tile sees; the rest weigh 0
   for (int64_t s0 = 0; s0 < Sp; s0 += kWidth) {
     vmask m[kTile];
     bool seen = false;
     for (int r = 0; r < n; ++r) seen |= mask_any(m[r] = visible(kp + s0, pos[r], window, strict));
+    if (seen) lo = std::min(lo, s0), hi = s0 + kWidth;
     const float* k[kWidth];
     for (int i = 0; i < kWidth; ++i) k[i] = s0 + i < S ? kb + (s0 + i) * ks : zeros;
     for (int r = 0; r < n; ++r) {
@@ -249,23 +251,27 @@ inline void attend_tile(int n, const float* const* q, const int64_t* pos, float*
       vstore(w + r * Sp + s0, select_or(m[r], v, -INFINITY));
     }
   }
-  // Softmax weights in place: exp(score - max), 0 where hidden. The sum runs in kWidth lanes by
-  // slot, so slots past a row's last visible one add exact zeros.
+  if (lo >= hi) {  // no row sees a key
+    for (int r = 0; r < n; ++r) std::fill(out[r], out[r] + D, 0.f);
+    return;
+  }
+  // Softmax weights in place over the seen blocks [lo, hi): exp(score - max), 0 where hidden. The
+  // sum runs in kWidth lanes by slot, so slots a row does not see add exact zeros.
   float inv[kTile];
   const float minus_one = -1.f;
   for (int r = 0; r < n; ++r) {
     float* wr = w + r * Sp;
-    vec mv = vload(wr);
-    for (int64_t s = kWidth; s < Sp; s += kWidth) mv = vmaxv(mv, vload(wr + s));
+    vec mv = vload(wr + lo);
+    for (int64_t s = lo + kWidth; s < hi; s += kWidth) mv = vmaxv(mv, vload(wr + s));
     const float mx = vmax(mv);
     inv[r] = 0.f;
-    if (mx == -INFINITY) {  // nothing visible: all weights 0, and so the output
-      std::fill(wr, wr + Sp, 0.f);
+    if (mx == -INFINITY) {  // this row sees nothing: all weights 0, and so its output
+      std::fill(wr + lo, wr + hi, 0.f);
       continue;
     }
     const vec neg = vmul(vbroadcast(&mx), vbroadcast(&minus_one));
     vec tot = vzero();
-    for (int64_t s = 0; s < Sp; s += kWidth) {
+    for (int64_t s = lo; s < hi; s += kWidth) {
       const vec e = vexp_nonpositive(vadd(vload(wr + s), neg));
       vstore(wr + s, e);
       tot = vadd(tot, e);
@@ -273,10 +279,11 @@ inline void attend_tile(int n, const float* const* q, const int64_t* pos, float*
     inv[r] = 1.f / vsum(tot);
   }
   // Weighted values, a slab of slots at a time for every group of rows, then the normalisation.
-  for (int64_t s0 = 0; s0 < S; s0 += kSlab)
+  hi = std::min(hi, S);
+  for (int64_t s0 = lo; s0 < hi; s0 += kSlab)
     for (int r0 = 0; r0 < n; r0 += kRegRows)
-      weighted_values_n(std::min(kRegRows, n - r0), w + r0 * Sp, s0, std::min(S, s0 + kSlab), Sp, out + r0, vb, vs, D,
-                        s0 == 0);
+      weighted_values_n(std::min(kRegRows, n - r0), w + r0 * Sp, s0, std::min(hi, s0 + kSlab), Sp, out + r0, vb, vs,
+                        D, s0 == lo);
   for (int r = 0; r < n; ++r) {
     const vec iv = vbroadcast(&inv[r]);
     for (int64_t d = 0; d < D; d += kWidth) store_acc(out[r] + d, vmul(load_acc(out[r] + d, D - d), iv), D - d);

@@ -169,6 +169,7 @@ def create_app(state: ServerState) -> FastAPI:
             "prompt_tokens": s.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": s.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
             "aheadlm": {
                 "mean_accepted_length": round(s.mean_accepted_length, 3),
                 "acceptance_rate": round(s.acceptance_rate, 4),

@@ -6,6 +6,10 @@ request), verifies all rows in one target forward (rows padded with position -1)
 rolls back and emits per row. New requests are prefilled in a private cache and copied into a free
 row, so a long prompt never stalls the rows already decoding for more than its prefill.
 
+A finished request's row keeps its K/V. A new request goes to the free row holding the longest
+prefix of its prompt (the earlier turns of a chat, an agent's context) and prefills only the rest;
+this is exact, since prefill and decoding share the batch-invariant kernels (`Engine.exact_prefill`).
+
 Rows are computed independently by the kernels, so a request receives exactly the tokens it would
 receive alone, whatever else is in the batch.
 """
@@ -24,6 +28,7 @@ from ..engine import Engine
 from ..kv_cache import KVCache
 from ..model import Transformer
 from ..outputs import GenerationStats
+from ..prompt_cache import common_prefix
 from ..proposers import NgramProposer, SpecState, choose_mixed
 from ..sampling import SamplingParams, apply_repetition_penalty, next_token
 from ..speculative import judge
@@ -85,6 +90,10 @@ class BatchEngine:
         )
         self.rows: list[Request | None] = [None] * slots
         self._prefill_engine = Engine(model, n_ctx=self.n_ctx, max_step=self.max_step)
+        self.kept: list[list[int]] = [[] for _ in range(slots)]
+        """Per free row, the tokens whose K/V it still holds (from its last request)."""
+        self._freed = [0] * slots  # when each row was last freed, to reuse the stalest first
+        self._clock = 0
 
     @property
     def active(self) -> list[Request]:
@@ -94,19 +103,38 @@ class BatchEngine:
         return any(r is None for r in self.rows)
 
     # -- admission ---------------------------------------------------------------------------------
+    def _pick_row(self, prompt: list[int]) -> tuple[int, int]:
+        """A free row for `prompt` and how many of its tokens that row already holds: the longest
+        usable kept prefix, else the row freed longest ago."""
+        free = [r for r, req in enumerate(self.rows) if req is None]
+        best, held = min(free, key=lambda r: self._freed[r]), 0
+        if not self._prefill_engine.exact_prefill:
+            return best, 0
+        for r in free:
+            n = common_prefix(prompt[: len(prompt) - 1], self.kept[r])
+            if n > held and n >= self.cache.min_length(r):  # a ring may have overwritten what n needs
+                best, held = r, n
+        return best, held
+
     @torch.inference_mode()
     def admit(self, req: Request) -> None:
-        """Prefill `req` in a private cache, move it into a free row, emit its first token."""
-        row = self.rows.index(None)
+        """Prefill `req` in a private cache (from the kept prefix of the row it gets), move it into
+        that row, emit its first token."""
         self._prefill_engine.check_prompt(req.prompt, req.max_tokens)
+        row, held = self._pick_row(req.prompt)
         t0 = time.perf_counter()
         tmp = KVCache(
             self.model.config, self.n_ctx, dtype=self.cache.k[0].dtype, device=self.device, max_step=self.max_step
         )
-        logits, hidden = self._prefill_engine.prefill(tmp, req.prompt)
+        if held:
+            tmp.copy_row_from(self.cache, row, 0)
+            tmp.trim(held)
+        self.kept[row] = []  # the row is rewritten from here on
+        logits, hidden = self._prefill_engine.prefill(tmp, req.prompt[held:])
         self.cache.reset(row)
         self.cache.copy_row_from(tmp, 0, row)
         req.stats.prompt_tokens = len(req.prompt)
+        req.stats.cached_tokens = held
         req.stats.prefill_s = time.perf_counter() - t0
         req.generator = req.generator or req.params.make_generator(self.device)
         req.row, req.hidden, req.tokens = row, hidden, list(req.prompt)
@@ -138,10 +166,21 @@ class BatchEngine:
         if finish:
             self.release(req)
 
-    def release(self, req: Request) -> None:
+    def release(self, req: Request, keep: bool = True) -> None:
+        """Free `req`'s row. With `keep` (not after a failure, which may have left K/V half
+        written), the row keeps the K/V of the tokens it completed, for a later prompt to reuse."""
         if 0 <= req.row < len(self.rows) and self.rows[req.row] is req:
-            self.rows[req.row] = None
-            self.cache.reset(req.row)
+            row = req.row
+            self.rows[row] = None
+            self._clock += 1
+            self._freed[row] = self._clock
+            n = min(len(req.tokens), self.cache.lengths[row])
+            if keep and n >= self.cache.min_length(row):
+                self.cache.trim(n, row=row)
+                self.kept[row] = list(req.tokens[:n])
+            else:
+                self.cache.reset(row)
+                self.kept[row] = []
 
     # -- one round ---------------------------------------------------------------------------------
     @torch.inference_mode()

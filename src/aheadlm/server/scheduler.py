@@ -138,5 +138,5 @@ class Scheduler:
 
     def _fail(self, rows: list[Request] | None, finish: str) -> None:
         for r in list(self.engine.active) if rows is None else rows:
-            self.engine.release(r)
+            self.engine.release(r, keep=False)  # its K/V may be half written
             r.emit([], finish)

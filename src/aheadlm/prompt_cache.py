@@ -1,0 +1,66 @@
+"""Keeping a sequence's KV cache between requests, so that a prompt starting with the tokens of an
+earlier sequence (the next turn of a chat, an agent's growing context, a regenerated answer)
+prefills only the tokens after their common prefix.
+
+This is exact, not an approximation: where the engine prefills through its batch-invariant
+kernels (`Engine.exact_prefill`), K/V kept from decoding equal those a fresh prefill of the same
+tokens computes, bit for bit, so what a request generates does not depend on what was cached.
+Elsewhere (GPU, no compiled kernels) nothing is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .kv_cache import KVCache
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def cache_size(needed: int, n_ctx: int) -> int:
+    """Room for a cache that will be kept: the next power of two from 1,024 (capped at `n_ctx`), so
+    a conversation that keeps growing reallocates, and prefills in full, only a few times."""
+    size = 1024
+    while size < needed:
+        size *= 2
+    return min(size, n_ctx)
+
+
+@dataclass
+class PromptCache:
+    """One kept sequence: a KV cache and the tokens whose K/V it holds, in order from position 0."""
+
+    cache: KVCache | None = None
+    tokens: list[int] = field(default_factory=list)
+
+    def take(self, prompt: list[int], size: int) -> tuple[KVCache | None, int]:
+        """The kept cache, trimmed to the longest prefix of `prompt` it holds (at most all but the
+        prompt's last token, which must run to give the next token's logits), and that length; or
+        (None, 0) when it cannot serve: nothing kept, smaller than `size`, or nothing in common.
+        The cache leaves this object either way; `keep` hands one back."""
+        cache, tokens = self.cache, self.tokens
+        self.cache, self.tokens = None, []
+        if cache is None or cache.max_len < size:
+            return None, 0
+        n = common_prefix(prompt[: len(prompt) - 1], tokens[: cache.length])
+        if n == 0 or n < cache.min_length():  # a sliding window already overwrote what n needs
+            return None, 0
+        cache.trim(n)
+        return cache, n
+
+    def keep(self, cache: KVCache, tokens: list[int]) -> None:
+        """Keep `cache`, whose first `len(tokens)` positions hold `tokens` (any later ones are dropped)."""
+        n = min(len(tokens), cache.length)
+        if n < cache.min_length():
+            return
+        cache.trim(n)
+        self.cache, self.tokens = cache, list(tokens[:n])
+
+    def clear(self) -> None:
+        self.cache, self.tokens = None, []
