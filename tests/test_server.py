@@ -108,6 +108,9 @@ def test_openai_client(server):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == text
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    # the same messages again: the row the first request left holds all of the prompt but its last token
+    assert r.usage.prompt_tokens_details.cached_tokens == 0
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
     c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
     assert c.choices[0].text
     s = "".join(
