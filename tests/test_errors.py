@@ -319,7 +319,7 @@ class _FailingEngine:
             self.release(r)
             r.emit([1], "stop")
 
-    def release(self, req):
+    def release(self, req, keep=True):
         if self.rows[0] is req:
             self.rows[0] = None
             self.released.append(req)
