@@ -94,6 +94,11 @@ class BatchEngine:
         """Per free row, the tokens whose K/V it still holds (from its last request)."""
         self._freed = [0] * slots  # when each row was last freed, to reuse the stalest first
         self._clock = 0
+        # One private prefill cache, emptied per admission: allocating it each time cost SmolLM2
+        # 37 ms at 4,096 tokens, as much as prefilling the new tokens of a cached prompt.
+        self._tmp = KVCache(
+            model.config, self.n_ctx, dtype=self.cache.k[0].dtype, device=p.device, max_step=self.max_step
+        )
 
     @property
     def active(self) -> list[Request]:
@@ -123,9 +128,8 @@ class BatchEngine:
         self._prefill_engine.check_prompt(req.prompt, req.max_tokens)
         row, held = self._pick_row(req.prompt)
         t0 = time.perf_counter()
-        tmp = KVCache(
-            self.model.config, self.n_ctx, dtype=self.cache.k[0].dtype, device=self.device, max_step=self.max_step
-        )
+        tmp = self._tmp
+        tmp.reset()  # stale K/V may stay: empty slots (position -1) are never attended to
         if held:
             tmp.copy_row_from(self.cache, row, 0)
             tmp.trim(held)
