@@ -189,3 +189,27 @@ def test_server_rows_keep_their_prefix_for_the_next_request(target, ngram):
     engine.admit(e := Request(follow, SamplingParams(), 16, (), emit=lambda t, f: None))
     engine.release(e, keep=False)
     assert engine.kept[e.row] == [] and engine.cache.lengths[e.row] == 0
+
+
+def test_two_threads_never_share_a_kept_cache(target):
+    """Requests from several threads on one engine each get the kept cache or a fresh one, never
+    the same one at once, and answer as alone."""
+    import threading
+
+    engine = make_engine(target, "plain")
+    kept = PromptCache()
+    prompt = ids(30, 13)
+    want = run(engine, prompt, max_tokens=12)[0]
+    run(engine, prompt, kept, max_tokens=12)
+    results = []
+
+    def worker():
+        for _ in range(3):
+            results.append(run(engine, prompt, kept, max_tokens=12)[0])
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [want] * 9

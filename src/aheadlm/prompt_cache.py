@@ -10,6 +10,7 @@ Elsewhere (GPU, no compiled kernels) nothing is kept.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 from .kv_cache import KVCache
@@ -34,18 +35,21 @@ def cache_size(needed: int, n_ctx: int) -> int:
 
 @dataclass
 class PromptCache:
-    """One kept sequence: a KV cache and the tokens whose K/V it holds, in order from position 0."""
+    """One kept sequence: a KV cache and the tokens whose K/V it holds, in order from position 0.
+    Safe to share between threads: a cache is handed to one request at a time."""
 
     cache: KVCache | None = None
     tokens: list[int] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def take(self, prompt: list[int], size: int) -> tuple[KVCache | None, int]:
         """The kept cache, trimmed to the longest prefix of `prompt` it holds (at most all but the
         prompt's last token, which must run to give the next token's logits), and that length; or
         (None, 0) when it cannot serve: nothing kept, smaller than `size`, or nothing in common.
         The cache leaves this object either way; `keep` hands one back."""
-        cache, tokens = self.cache, self.tokens
-        self.cache, self.tokens = None, []
+        with self.lock:
+            cache, tokens = self.cache, self.tokens
+            self.cache, self.tokens = None, []
         if cache is None or cache.max_len < size:
             return None, 0
         n = common_prefix(prompt[: len(prompt) - 1], tokens[: cache.length])
@@ -60,7 +64,9 @@ class PromptCache:
         if n < cache.min_length():
             return
         cache.trim(n)
-        self.cache, self.tokens = cache, list(tokens[:n])
+        with self.lock:
+            self.cache, self.tokens = cache, list(tokens[:n])
 
     def clear(self) -> None:
-        self.cache, self.tokens = None, []
+        with self.lock:
+            self.cache, self.tokens = None, []
