@@ -4,6 +4,7 @@ disconnects mid-stream, and the server healthy after every bad request."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -181,6 +182,8 @@ def test_concurrent_greedy_identical(server):
     assert results == alone
     m = httpx.get(server + "/metrics").text
     assert "aheadlm_mean_accepted_length" in m and "aheadlm_queue_depth" in m
+    cached = int(re.search(r"^aheadlm_cached_prompt_tokens_total (\d+)$", m, re.M).group(1))
+    assert cached > 0  # 16 requests repeating 16 earlier prompts: their rows held the prefixes
 
 
 def test_disconnect_frees_the_slot(server):

@@ -29,6 +29,12 @@ def prometheus(sch: Scheduler) -> str:
     emitted = max(0, m.completion_tokens)
     rows = [
         ("prompt_tokens_total", "counter", "Prompt tokens processed.", m.prompt_tokens),
+        (
+            "cached_prompt_tokens_total",
+            "counter",
+            "Prompt tokens whose K/V a batch row kept from an earlier request (not prefilled again).",
+            m.cached_prompt_tokens,
+        ),
         ("completion_tokens_total", "counter", "Tokens generated.", emitted),
         ("drafted_tokens_total", "counter", "Draft tokens proposed.", m.drafted),
         ("accepted_tokens_total", "counter", "Draft tokens accepted.", m.accepted),

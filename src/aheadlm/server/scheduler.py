@@ -30,6 +30,7 @@ class QueueFull(Exception):
 class Metrics:
     requests: collections.Counter = field(default_factory=collections.Counter)
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
     completion_tokens: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -41,6 +42,7 @@ class Metrics:
     def record(self, req: Request) -> None:
         s = req.stats
         self.prompt_tokens += s.prompt_tokens
+        self.cached_prompt_tokens += s.cached_tokens
         self.completion_tokens += max(0, s.completion_tokens)
         self.drafted += s.drafted
         self.accepted += s.accepted
