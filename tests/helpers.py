@@ -66,6 +66,25 @@ def packed_tiny(arch: str, fmt: str):
     return config, build_model(config, tensors, packed=True)
 
 
+def prefill_and_decode(engine, ids: list[int]):
+    """The same tokens through `engine` prefilled in chunks and decoded one at a time: two caches
+    and, for each, the last position's (logits, hidden)."""
+    with torch.inference_mode():
+        chunked = engine.new_cache(len(ids) + 10)
+        logits, hidden = engine.prefill(chunked, ids)
+        single = engine.new_cache(len(ids) + 10)
+        for t in ids:
+            last, h = engine._forward(single, [t], 1)
+    return (chunked, (logits, hidden)), (single, (last[0, -1], h[0, -1]))
+
+
+def assert_same_cache_and_output(a, b) -> None:
+    """Two results of `prefill_and_decode`'s kind agree bit for bit: logits, hidden, every K/V."""
+    (ca, (la, ha)), (cb, (lb, hb)) = a, b
+    assert torch.equal(la, lb) and torch.equal(ha, hb)
+    assert all(torch.equal(x, y) for x, y in zip(ca.k + ca.v, cb.k + cb.v, strict=True))
+
+
 def ours_from_hf(hf_model, dtype=torch.float32):
     config = from_hf_config(hf_model.config.to_dict())
     tensors = hf_state_dict(hf_model.state_dict().items(), config)

@@ -9,7 +9,7 @@ from aheadlm.kernels import cpu_kernels
 from aheadlm.kv_cache import KVCache
 from aheadlm.packed import PackedLinear, QTensor
 
-from helpers import packed_tiny, tiny_hf
+from helpers import assert_same_cache_and_output, packed_tiny, prefill_and_decode, tiny_hf
 
 pytestmark = pytest.mark.skipif(cpu_kernels() is None, reason="no AVX2 kernels on this CPU")
 
@@ -236,16 +236,10 @@ def test_prefill_equals_decoding_token_by_token(arch):
     engine = Engine(model, max_step=64)
     assert engine.prefill_step == 64 and Engine(model).prefill_step == 64
     ids = torch.randint(0, 160, (150,), generator=torch.Generator().manual_seed(3)).tolist()
-    with torch.inference_mode():
-        chunked = engine.new_cache(160)
-        logits, hidden = engine.prefill(chunked, ids)
-        single = engine.new_cache(160)
-        for t in ids:
-            one, h = engine._forward(single, [t], 1)
-    assert torch.equal(logits, one[0, -1]) and torch.equal(hidden, h[0, -1])
-    assert all(torch.equal(a, b) for a, b in zip(chunked.k + chunked.v, single.k + single.v, strict=True))
+    chunked, single = prefill_and_decode(engine, ids)
+    assert_same_cache_and_output(chunked, single)
     if arch == "gemma3":
-        assert any(grp.ring for grp in chunked.groups.values())
+        assert any(grp.ring for grp in chunked[0].groups.values())
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

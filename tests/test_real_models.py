@@ -7,7 +7,7 @@ import aheadlm
 from aheadlm.kv_cache import KVCache
 from aheadlm.packed import int_products
 
-from helpers import hf_reference
+from helpers import assert_same_cache_and_output, hf_reference, prefill_and_decode
 
 pytestmark = pytest.mark.realmodel
 
@@ -130,12 +130,4 @@ def test_prefill_equals_decoding_token_by_token(models):
     engine = ours.engine
     if not engine.exact_prefill:
         pytest.skip("no compiled kernels on this CPU")
-    ids = ours.tokenizer.encode(TEXT)[:150]
-    with torch.inference_mode():
-        chunked = engine.new_cache(160)
-        logits, hidden = engine.prefill(chunked, ids)
-        single = engine.new_cache(160)
-        for t in ids:
-            last, h = engine._forward(single, [t], 1)
-    assert torch.equal(logits, last[0, -1]) and torch.equal(hidden, h[0, -1])
-    assert all(torch.equal(a, b) for a, b in zip(chunked.k + chunked.v, single.k + single.v, strict=True))
+    assert_same_cache_and_output(*prefill_and_decode(engine, ours.tokenizer.encode(TEXT)[:150]))

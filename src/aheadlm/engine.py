@@ -60,8 +60,8 @@ class Engine:
 
     def open_cache(self, prompt: list[int], needed: int, kept: PromptCache | None) -> tuple[KVCache, int]:
         """A cache with room for `needed` tokens (at most the context) for `prompt`, and how many of
-        the prompt's tokens it already holds: from `kept` where that is exact, else none."""
-        if kept is None or not self.exact_prefill:
+        the prompt's tokens it already holds (from `kept`, if any)."""
+        if kept is None:
             return self.new_cache(needed), 0
         size = cache_size(needed, self.n_ctx)
         cache, reused = kept.take(prompt, size)
@@ -126,6 +126,8 @@ class Engine:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt)
         generator = generator or params.make_generator(self.device)
+        if not self.exact_prefill:  # kept K/V would not be those a fresh prefill computes
+            prompt_cache = None
         if self.proposer is not None and self.proposer.name != "none":
             yield from speculative.generate(
                 self,
@@ -182,5 +184,5 @@ class Engine:
                 stats.target_forwards += 1
                 stats.target_s += time.perf_counter() - t_step
         finally:  # also when the caller stops early or a forward fails: keep only what completed
-            if kept is not None and self.exact_prefill:
+            if kept is not None:
                 kept.keep(cache, tokens[:safe])

@@ -24,6 +24,24 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def reusable(prompt: list[int], tokens: list[int], cache: KVCache, row: int = 0) -> int:
+    """How many of `prompt`'s tokens row `row` of `cache`, holding the K/V of `tokens`, can serve:
+    their common prefix, at most all but the prompt's last token (which must run to give the next
+    token's logits), and none where a sliding window already overwrote what that prefix needs."""
+    n = common_prefix(prompt[: len(prompt) - 1], tokens[: cache.lengths[row]])
+    return n if n >= cache.min_length(row) else 0
+
+
+def hold(cache: KVCache, tokens: list[int], row: int = 0) -> list[int] | None:
+    """Trim row `row` of `cache`, whose first positions hold the K/V of `tokens` (any later ones
+    are dropped), to those tokens and return them; None where the trim is not possible."""
+    n = min(len(tokens), cache.lengths[row])
+    if n < cache.min_length(row):
+        return None
+    cache.trim(n, row=row)
+    return list(tokens[:n])
+
+
 def cache_size(needed: int, n_ctx: int) -> int:
     """Room for a cache that will be kept: the next power of two from 1,024 (capped at `n_ctx`), so
     a conversation that keeps growing reallocates, and prefills in full, only a few times."""
@@ -50,22 +68,18 @@ class PromptCache:
         with self.lock:
             cache, tokens = self.cache, self.tokens
             self.cache, self.tokens = None, []
-        if cache is None or cache.max_len < size:
-            return None, 0
-        n = common_prefix(prompt[: len(prompt) - 1], tokens[: cache.length])
-        if n == 0 or n < cache.min_length():  # a sliding window already overwrote what n needs
+        n = reusable(prompt, tokens, cache) if cache is not None and cache.max_len >= size else 0
+        if n == 0:
             return None, 0
         cache.trim(n)
         return cache, n
 
     def keep(self, cache: KVCache, tokens: list[int]) -> None:
         """Keep `cache`, whose first `len(tokens)` positions hold `tokens` (any later ones are dropped)."""
-        n = min(len(tokens), cache.length)
-        if n < cache.min_length():
-            return
-        cache.trim(n)
-        with self.lock:
-            self.cache, self.tokens = cache, list(tokens[:n])
+        held = hold(cache, tokens)
+        if held is not None:
+            with self.lock:
+                self.cache, self.tokens = cache, held
 
     def clear(self) -> None:
         with self.lock:

@@ -195,5 +195,5 @@ def generate(
             if controller:
                 controller.update(len(drafts), accepted, time.perf_counter() - td)
     finally:  # also when the caller stops early or a forward fails: keep only what completed
-        if prompt_cache is not None and engine.exact_prefill:
+        if prompt_cache is not None:
             prompt_cache.keep(cache, tokens[:safe])

@@ -127,8 +127,14 @@ inline void vstore_n(float* p, vec v, int64_t n) {
   _mm256_maskstore_ps(p, m, v);
 #endif
 }
-// kWidth floats at p, or the first n of them when n < kWidth.
+// kWidth floats at p, or the first n of them when n < kWidth (loaded and stored).
 inline vec vload_upto(const float* p, int64_t n) { return n >= kWidth ? vload(p) : vload_n(p, n); }
+inline void vstore_upto(float* p, vec v, int64_t n) {
+  if (n >= kWidth)
+    vstore(p, v);
+  else
+    vstore_n(p, v, n);
+}
 
 // Scores of query row q against the kWidth keys at k[i] (D floats each): one multiply-add chain
 // per key over D (eight keys at a time, enough chains to keep the multiply-add units busy), then
@@ -158,17 +164,10 @@ inline vec block_scores(const float* q, const float* const* k, int64_t D) {
 }
 
 constexpr int kRegRows = kWidth == 16 ? 5 : 2;  // rows whose value accumulators fit the registers
-constexpr int kChunk = 4 * kWidth;                 // value columns accumulated at a time
+constexpr int kV = 4;                              // value vectors accumulated per row at a time
+constexpr int kChunk = kV * kWidth;                // and the columns they cover
 constexpr int kTile = 32;                          // most query rows that share one pass over K and V
 constexpr int64_t kSlab = 256;                     // slots whose values stay in cache for a tile
-
-inline vec load_acc(const float* p, int64_t n) { return n >= kWidth ? vload(p) : vload_n(p, n); }
-inline void store_acc(float* p, vec v, int64_t n) {
-  if (n >= kWidth)
-    vstore(p, v);
-  else
-    vstore_n(p, v, n);
-}
 
 // out[r] += sum_{s in [s0, s1)} w[r * Sp + s] * v[s] for N rows over columns [d0, d0 + nd) (out[r]
 // = the sum when `first`), the accumulators in registers (FULL: nd == kChunk). Slots are added in
@@ -176,19 +175,18 @@ inline void store_acc(float* p, vec v, int64_t n) {
 template <int N, bool FULL>
 inline void weighted_chunk(const float* w, int64_t s0, int64_t s1, int64_t Sp, float* const* out, const float* vb,
                            int64_t vs, int64_t d0, int64_t nd, bool first) {
-  constexpr int kV = 4;
   const int nv = FULL ? kV : static_cast<int>((nd + kWidth - 1) / kWidth);
   auto n_at = [&](int j) { return FULL ? kWidth : nd - j * kWidth; };
   vec acc[N][kV];
 #pragma GCC unroll 8
   for (int r = 0; r < N; ++r)
 #pragma GCC unroll 4
-    for (int j = 0; j < kV; ++j) acc[r][j] = first || j >= nv ? vzero() : load_acc(out[r] + d0 + j * kWidth, n_at(j));
+    for (int j = 0; j < kV; ++j) acc[r][j] = first || j >= nv ? vzero() : vload_upto(out[r] + d0 + j * kWidth, n_at(j));
   for (int64_t s = s0; s < s1; ++s) {
     const float* vr = vb + s * vs + d0;
     vec v[kV];
 #pragma GCC unroll 4
-    for (int j = 0; j < kV; ++j) v[j] = FULL ? vload(vr + j * kWidth) : j < nv ? load_acc(vr + j * kWidth, n_at(j)) : vzero();
+    for (int j = 0; j < kV; ++j) v[j] = FULL ? vload(vr + j * kWidth) : j < nv ? vload_upto(vr + j * kWidth, n_at(j)) : vzero();
 #pragma GCC unroll 8
     for (int r = 0; r < N; ++r) {
       const vec ev = vbroadcast(w + r * Sp + s);
@@ -198,7 +196,7 @@ inline void weighted_chunk(const float* w, int64_t s0, int64_t s1, int64_t Sp, f
   }
 #pragma GCC unroll 8
   for (int r = 0; r < N; ++r)
-    for (int j = 0; j < nv; ++j) store_acc(out[r] + d0 + j * kWidth, acc[r][j], n_at(j));
+    for (int j = 0; j < nv; ++j) vstore_upto(out[r] + d0 + j * kWidth, acc[r][j], n_at(j));
 }
 
 template <int N>
@@ -286,7 +284,7 @@ inline void attend_tile(int n, const float* const* q, const int64_t* pos, float*
                         D, s0 == lo);
   for (int r = 0; r < n; ++r) {
     const vec iv = vbroadcast(&inv[r]);
-    for (int64_t d = 0; d < D; d += kWidth) store_acc(out[r] + d, vmul(load_acc(out[r] + d, D - d), iv), D - d);
+    for (int64_t d = 0; d < D; d += kWidth) vstore_upto(out[r] + d, vmul(vload_upto(out[r] + d, D - d), iv), D - d);
   }
 }
 

@@ -28,7 +28,7 @@ from ..engine import Engine
 from ..kv_cache import KVCache
 from ..model import Transformer
 from ..outputs import GenerationStats
-from ..prompt_cache import common_prefix
+from ..prompt_cache import hold, reusable
 from ..proposers import NgramProposer, SpecState, choose_mixed
 from ..sampling import SamplingParams, apply_repetition_penalty, next_token
 from ..speculative import judge
@@ -116,8 +116,8 @@ class BatchEngine:
         if not self._prefill_engine.exact_prefill:
             return best, 0
         for r in free:
-            n = common_prefix(prompt[: len(prompt) - 1], self.kept[r])
-            if n > held and n >= self.cache.min_length(r):  # a ring may have overwritten what n needs
+            n = reusable(prompt, self.kept[r], self.cache, r)
+            if n > held:
                 best, held = r, n
         return best, held
 
@@ -178,13 +178,10 @@ class BatchEngine:
             self.rows[row] = None
             self._clock += 1
             self._freed[row] = self._clock
-            n = min(len(req.tokens), self.cache.lengths[row])
-            if keep and n >= self.cache.min_length(row):
-                self.cache.trim(n, row=row)
-                self.kept[row] = list(req.tokens[:n])
-            else:
+            kept = hold(self.cache, req.tokens, row) if keep else None
+            if kept is None:
                 self.cache.reset(row)
-                self.kept[row] = []
+            self.kept[row] = kept or []
 
     # -- one round ---------------------------------------------------------------------------------
     @torch.inference_mode()
