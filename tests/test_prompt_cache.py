@@ -165,7 +165,8 @@ def test_server_rows_keep_their_prefix_for_the_next_request(target, ngram):
     def serve(prompts):
         got = [[] for _ in prompts]
         reqs = [
-            Request(p, SamplingParams(), 16, (), emit=lambda t, f, i=i: got[i].extend(t)) for i, p in enumerate(prompts)
+            Request(p, SamplingParams(), 16, (), emit=lambda t, *_, i=i: got[i].extend(t))
+            for i, p in enumerate(prompts)
         ]
         pending = list(reqs)
         while engine.active or pending:
@@ -186,7 +187,7 @@ def test_server_rows_keep_their_prefix_for_the_next_request(target, ngram):
     assert d.row == row_a and d.stats.cached_tokens == held
     for prompt, out in ((first, out_a), (other, out_b), (follow, out_d)):
         assert out == run(plain, prompt, max_tokens=16)[0]
-    engine.admit(e := Request(follow, SamplingParams(), 16, (), emit=lambda t, f: None))
+    engine.admit(e := Request(follow, SamplingParams(), 16, (), emit=lambda *_: None))
     engine.release(e, keep=False)
     assert engine.kept[e.row] == [] and engine.cache.lengths[e.row] == 0
 

@@ -125,6 +125,65 @@ def test_openai_client(server):
     assert " 7" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
 
 
+def test_logprobs(server):
+    """OpenAI chat, legacy completions and Ollama give each token's log-probability and the most
+    likely alternatives: the same streamed or not, covering the tokens through a stop string, and
+    the same bits as plain decoding in this process (the server decodes speculatively, in rows)."""
+    from openai import OpenAI
+
+    import aheadlm
+    from aheadlm.server.logprobs import token_text
+
+    llm = aheadlm.load(MODEL, drafter="none")
+    client = OpenAI(base_url=server + "/v1", api_key=KEY)
+    msgs = [{"role": "user", "content": "List the first five prime numbers."}]
+    ref = llm.chat(msgs, max_tokens=20, logprobs=3)
+    want = [(token_text(llm.tokenizer, x.token_id)[0], x.logprob) for x in ref.logprobs]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=20, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert [(c.token, c.logprob) for c in content] == want
+    assert b"".join(bytes(c.bytes) for c in content).decode() == r.choices[0].message.content == ref.text
+    assert all(
+        len(c.top_logprobs) == 3 and (c.top_logprobs[0].token, c.top_logprobs[0].logprob) == (c.token, c.logprob)
+        for c in content
+    )
+    streamed = [
+        c
+        for chunk in client.chat.completions.create(**kw, stream=True)
+        if chunk.choices and chunk.choices[0].logprobs
+        for c in chunk.choices[0].logprobs.content
+    ]
+    assert [(c.token, c.logprob) for c in streamed] == want
+
+    prompt = "The capital of France is"
+    c = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert lp.token_logprobs == [x.logprob for x in llm.generate(prompt, max_tokens=8, logprobs=2).logprobs]
+    assert "".join(lp.tokens) == c.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert all(t in top and 2 <= len(top) <= 3 for t, top in zip(lp.tokens, lp.top_logprobs, strict=True))
+    parts = [
+        x.choices[0].logprobs
+        for x in client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=2, stream=True
+        )
+        if x.choices and x.choices[0].logprobs
+    ]
+    assert [t for p in parts for t in p.tokens] == lp.tokens
+    assert [o for p in parts for o in p.text_offset] == lp.text_offset
+    stopped = client.completions.create(
+        model=MODEL, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0, stop=[" 7"], logprobs=0
+    )
+    assert len(stopped.choices[0].logprobs.tokens) == stopped.usage.completion_tokens
+    assert c.usage.completion_tokens == len(lp.tokens) and r.usage.completion_tokens == len(content)
+
+    body = {"model": MODEL, "prompt": prompt, "raw": True, "stream": False, "logprobs": True, "top_logprobs": 1}
+    g = httpx.post(server + "/api/generate", json={**body, "options": {"num_predict": 8}}, headers=H, timeout=60).json()
+    assert [x["logprob"] for x in g["logprobs"]] == lp.token_logprobs
+    assert "".join(x["token"] for x in g["logprobs"]) == g["response"]
+
+
 def test_ollama_client(server):
     import ollama
 
@@ -241,6 +300,10 @@ BAD = [
         400,
     ),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": True}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400),
+    ("/v1/chat/completions", {**CHAT_X, "top_logprobs": 2}, 400),
+    ("/v1/chat/completions", {**CHAT_X, "logprobs": True, "top_logprobs": -1}, 400),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "logprobs": True, "top_logprobs": 99}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"7042": -100}}, 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400),
     ("/v1/chat/completions", {**CHAT_X, "response_format": {"type": "json_object"}}, 400),
@@ -387,6 +450,8 @@ json_values = st.recursive(
                 "options",
                 "n",
                 "stream_options",
+                "logprobs",
+                "top_logprobs",
             ]
         ),
         json_values,

@@ -254,7 +254,7 @@ def test_batch_engine_rows_match_single_runs(target, ngram, copy):
     )
     got = [[] for _ in PROMPTS]
     pending = [
-        Request(p, SamplingParams(), 12 + 3 * i, (), emit=lambda toks, fin, i=i: got[i].extend(toks))
+        Request(p, SamplingParams(), 12 + 3 * i, (), emit=lambda toks, *_, i=i: got[i].extend(toks))
         for i, p in enumerate(PROMPTS)
     ]
     engine.admit(pending.pop(0))

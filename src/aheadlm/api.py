@@ -13,10 +13,11 @@ import torch
 from .checkpoint import load_model
 from .engine import Engine, GenerationStats, Step
 from .errors import InvalidRequestError
+from .outputs import TokenLogprob
 from .prompt_cache import PromptCache
 from .proposers import make_proposer
 from .registry import REGISTRY, resolve
-from .sampling import SamplingParams
+from .sampling import SamplingParams, check_logprobs
 from .speculative import SpecConfig
 from .tokenizer import PLAIN_CHAT_STOP, TextStream, Tokenizer
 
@@ -29,6 +30,8 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: list[TokenLogprob] | None = None
+    """One per token in `token_ids`, when asked for with `logprobs=`."""
 
 
 def _is_count(x) -> bool:
@@ -167,9 +170,13 @@ class LLM:
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
         stats: GenerationStats | None = None,
+        logprobs: int | None = None,
     ) -> Iterator[Step]:
-        """Yield `Step`s with text deltas; the last one has `finish_reason` set."""
+        """Yield `Step`s with text deltas; the last one has `finish_reason` set. With `logprobs`
+        (0..20), each step also carries its tokens' log-probabilities under the model's own
+        distribution and that many most likely alternatives (`TokenLogprob`)."""
         params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        logprobs = check_logprobs(logprobs)
         if not _is_count(max_tokens) or max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if not isinstance(ignore_eos, bool):
@@ -189,7 +196,13 @@ class LLM:
         ids = self._prompt_ids(prompt)
         stop_ids = tuple(extra_ids) + (() if ignore_eos else self.tokenizer.stop_ids)
         steps = self.engine.generate(
-            ids, params, max_tokens=max_tokens, stop_ids=stop_ids, stats=stats, prompt_cache=self.prompt_cache
+            ids,
+            params,
+            max_tokens=max_tokens,
+            stop_ids=stop_ids,
+            stats=stats,
+            prompt_cache=self.prompt_cache,
+            logprobs=logprobs,
         )
         text = TextStream(self.tokenizer)
         matcher = _StopMatcher(stops)
@@ -204,6 +217,8 @@ class LLM:
                 if stats is not None:
                     stats.completion_tokens -= len(step.token_ids) - len(kept)
                 step.token_ids = kept
+                if step.logprobs is not None:
+                    step.logprobs = step.logprobs[: len(kept)]
                 step.finish_reason = "stop"
                 steps.close()
                 yield step
@@ -217,12 +232,15 @@ class LLM:
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
         stats = kwargs.pop("stats", None)
         stats = GenerationStats() if stats is None else stats  # anything else is checked by stream
-        text, ids, reason = [], [], "length"
+        text, ids, reason, lps = [], [], "length", None
         for step in self.stream(prompt, stats=stats, **kwargs):
             text.append(step.text)
             ids.extend(step.token_ids)
             reason = step.finish_reason or reason
-        return Completion("".join(text), ids, reason, stats)
+            if step.logprobs is not None:
+                lps = [] if lps is None else lps
+                lps.extend(step.logprobs)
+        return Completion("".join(text), ids, reason, stats, lps)
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
         """Token ids for a conversation and the stop strings its format needs."""

@@ -17,7 +17,7 @@ from .model import Transformer
 from .outputs import GenerationStats, Step
 from .prompt_cache import PromptCache, cache_size
 from .proposers import Proposer
-from .sampling import SamplingParams, apply_repetition_penalty, next_token
+from .sampling import SamplingParams, apply_repetition_penalty, check_logprobs, next_token, token_logprobs
 from .speculative import SpecConfig
 
 __all__ = ["Engine", "GenerationStats", "Step"]
@@ -116,12 +116,15 @@ class Engine:
         generator: torch.Generator | None = None,
         stats: GenerationStats | None = None,
         prompt_cache: PromptCache | None = None,
+        logprobs: int | None = None,
     ) -> Iterator[Step]:
         """Decode `prompt`: speculatively when the engine has a proposer, else one target forward
         per token. Yields a `Step` per round; the last one carries `finish_reason`. With
         `prompt_cache`, the prompt's prefix that cache holds is not prefilled again, and the
-        sequence's cache is kept there when generation ends (or is stopped)."""
+        sequence's cache is kept there when generation ends (or is stopped). With `logprobs` (the
+        number of alternatives, 0..20), each step carries its tokens' log-probabilities."""
         params = params or SamplingParams()
+        logprobs = check_logprobs(logprobs)
         self.check_prompt(prompt, max_tokens)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt)
@@ -140,11 +143,12 @@ class Engine:
                 generator=generator,
                 stats=stats,
                 prompt_cache=prompt_cache,
+                logprobs=logprobs,
             )
             return
-        yield from self._plain(prompt, params, max_tokens, stop_ids, generator, stats, prompt_cache)
+        yield from self._plain(prompt, params, max_tokens, stop_ids, generator, stats, prompt_cache, logprobs)
 
-    def _plain(self, prompt, params, max_tokens, stop_ids, generator, stats, kept) -> Iterator[Step]:
+    def _plain(self, prompt, params, max_tokens, stop_ids, generator, stats, kept, top) -> Iterator[Step]:
         limit = min(self.n_ctx, len(prompt) + max_tokens)
         cache, safe = self.open_cache(prompt, limit, kept)
         stats.cached_tokens = safe
@@ -159,6 +163,7 @@ class Engine:
             t_step = time.perf_counter()
             n_out = 0
             while True:
+                raw = logits
                 if penalty != 1.0:
                     logits = apply_repetition_penalty(logits[None], seen[None], penalty)[0]
                 tok = int(next_token(logits[None], params, generator)[0])
@@ -169,9 +174,11 @@ class Engine:
                     finish = "stop"
                 elif n_out >= max_tokens or len(prompt) + n_out >= limit:
                     finish = "length"
+                emitted = [] if finish == "stop" else [tok]
+                lps = None if top is None else token_logprobs(raw[None], emitted, top)
                 now = time.perf_counter()
                 stats.decode_s += now - t_step
-                yield Step([] if finish == "stop" else [tok], finish, now - t_step)
+                yield Step(emitted, finish, now - t_step, logprobs=lps)
                 if finish:
                     return
                 t_step = time.perf_counter()

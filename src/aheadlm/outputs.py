@@ -6,6 +6,19 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the target's own distribution: log-softmax of the raw
+    logits, before temperature, top-k/p, min-p and penalties (vLLM's default, "raw logprobs"), so
+    it does not depend on the sampling settings, and it is the same whether the token came from a
+    draft the target accepted or from plain decoding."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+    """The most likely tokens at this position and their log-probabilities, best first."""
+
+
+@dataclass
 class Step:
     """One engine step: the tokens it emitted and why generation ended, if it did."""
 
@@ -18,6 +31,8 @@ class Step:
     accepted: int = 0
     text: str = ""
     """Text delta, filled in by the API layer."""
+    logprobs: list[TokenLogprob] | None = None
+    """One per token in `token_ids`, when the caller asked for log-probabilities."""
 
 
 @dataclass

@@ -9,8 +9,11 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InvalidRequestError
+from .outputs import TokenLogprob
 
 GREEDY_BELOW = 1e-5
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a token's log-probabilities may list (OpenAI's and vLLM's limit)."""
 
 
 @dataclass(frozen=True)
@@ -121,3 +124,28 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     if params.greedy:
         return logits.argmax(-1)
     return sample(processed_probs(logits, params), generator)
+
+
+def check_logprobs(n) -> int | None:
+    """`None` (no log-probabilities) or how many alternatives to list per token, 0..20."""
+    if n is None:
+        return None
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(f"logprobs must be None or an integer in 0..{MAX_TOP_LOGPROBS}, got {n!r}")
+    return n
+
+
+def token_logprobs(logits: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
+    """Raw logits `[N, V]` (no temperature, no penalties) and the token chosen at each of the N
+    positions (the first `len(ids)` rows are used) -> each token's log-probability and the `top`
+    most likely tokens'."""
+    if not ids:
+        return []
+    lp = torch.log_softmax(logits[: len(ids)].float(), dim=-1)
+    chosen = lp[torch.arange(len(ids), device=lp.device), torch.tensor(ids, device=lp.device)].tolist()
+    if top:
+        vals, idx = lp.topk(min(top, lp.shape[-1]), dim=-1)
+        alts = [list(zip(i, v, strict=True)) for i, v in zip(idx.tolist(), vals.tolist(), strict=True)]
+    else:
+        alts = [[] for _ in ids]
+    return [TokenLogprob(t, c, a) for t, c, a in zip(ids, chosen, alts, strict=True)]

@@ -13,7 +13,7 @@ import torch
 
 from .outputs import Step
 from .proposers import Draft, Proposer, SpecState
-from .sampling import SamplingParams, apply_repetition_penalty, next_token, processed_probs
+from .sampling import SamplingParams, apply_repetition_penalty, next_token, processed_probs, token_logprobs
 from .verify import verify_greedy, verify_sampled
 
 
@@ -119,6 +119,7 @@ def generate(
     generator: torch.Generator,
     stats,
     prompt_cache=None,
+    logprobs: int | None = None,
 ) -> Iterator:
     limit = min(engine.n_ctx, len(prompt) + max_tokens)  # total tokens the sequence may reach
     cache, safe = engine.open_cache(prompt, limit + spec.num_draft + 1, prompt_cache)
@@ -138,7 +139,8 @@ def generate(
         safe = len(prompt)
         stats.prefill_s = time.perf_counter() - t0
         t_round = time.perf_counter()
-        logits = _penalized(logits[None], prompt, [], penalty)[0]
+        raw = logits[None]  # the raw logits of each token in `new`, for its log-probability
+        logits = _penalized(raw, prompt, [], penalty)[0]
         first = int(next_token(logits[None], params, generator)[0])
         new, drafted, accepted = [first], 0, 0
         while True:
@@ -153,9 +155,10 @@ def generate(
                     finish = "length"
                     break
             stats.completion_tokens = len(tokens) - len(prompt) + (finish == "stop")
+            lps = None if logprobs is None else token_logprobs(raw, emit, logprobs)
             now = time.perf_counter()
             stats.decode_s += now - t_round
-            yield Step(emit, finish, now - t_round, drafted, accepted)
+            yield Step(emit, finish, now - t_round, drafted, accepted, logprobs=lps)
             if finish:
                 return
             t_round = time.perf_counter()
@@ -184,7 +187,7 @@ def generate(
             cache.trim(n + accepted)
             safe = n + accepted  # tokens gets the accepted drafts at the top of the next round
             hidden = out_hidden[0, accepted]
-            new, drafted = drafts[:accepted] + [bonus], len(drafts)
+            new, drafted, raw = drafts[:accepted] + [bonus], len(drafts), out_logits[0, : accepted + 1]
             stats.drafted += len(drafts)
             stats.accepted += accepted
             for i in range(len(drafts)):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,8 @@ class Tokenizer:
                 ids.append(tid)
         self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(ids + list(extra_eos_ids)))
         self._template = None
+        self._byte_level: bool | None = None  # read from the decoder on first `token_bytes`
+        self._added: dict | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -76,6 +80,27 @@ class Tokenizer:
 
     def decode(self, ids, skip_special: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to the text, its leading space included (for log-probabilities,
+        where a token may hold part of a UTF-8 character). Special and added tokens read as written."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level is None:
+            self._byte_level = '"ByteLevel"' in self.backend.decoder.__getstate__().decode()
+        if self._byte_level:  # GPT-2 style: each byte is stored as one printable character
+            if token_id in self._added_ids():
+                return piece.encode()
+            table = _byte_level_table()
+            return b"".join(bytes([table[c]]) if c in table else c.encode() for c in piece)
+        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece's byte fallback
+        return bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode()
+
+    def _added_ids(self) -> dict:
+        if self._added is None:
+            self._added = self.backend.get_added_tokens_decoder()
+        return self._added
 
     @property
     def has_chat_template(self) -> bool:
@@ -242,6 +267,21 @@ def _from_hf_folder(d: Path) -> Tokenizer:
         extra_eos_ids=tuple(extra),
         template_source=str(source),
     )
+
+
+@cache
+def _byte_level_table() -> dict[str, int]:
+    """Character -> byte of byte-level BPE (GPT-2): printable Latin-1 bytes stand for themselves,
+    the other bytes for the characters from U+0100 on, in byte order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(0x100 + extra)] = b
+            extra += 1
+    return table
 
 
 class TextStream:

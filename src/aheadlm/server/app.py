@@ -24,6 +24,7 @@ from ..tokenizer import TextStream
 from . import error_handlers
 from .batching import Request as EngineRequest
 from .error_handlers import error_response
+from .logprobs import chat_logprobs, completion_logprobs
 from .metrics import endpoint_label, prometheus
 from .middleware import BodyLimit, JsonBodies
 from .protocol import (
@@ -108,10 +109,16 @@ def create_app(state: ServerState) -> FastAPI:
         return requested if requested is not None else min(state.default_max_tokens, state.n_ctx - prompt_len)
 
     async def run(
-        http: Request, ids: list[int], params: SamplingParams, max_tokens: int, stops: list[str]
+        http: Request,
+        ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        stops: list[str],
+        logprobs: int | None = None,
     ) -> AsyncIterator:
-        """Yields (text delta, finish_reason | None, engine request)."""
-        req = EngineRequest(ids, params, max_tokens, tok.stop_ids, emit=None)
+        """Yields (text delta, finish_reason | None, engine request, the log-probabilities of the
+        tokens behind the delta: a list when `logprobs` is set, else None)."""
+        req = EngineRequest(ids, params, max_tokens, tok.stop_ids, emit=None, logprobs=logprobs)
         try:
             queue = state.scheduler.submit(req, asyncio.get_running_loop())
         except QueueFull as e:
@@ -136,7 +143,7 @@ def create_app(state: ServerState) -> FastAPI:
                     next_check = time.monotonic() + 0.5
                 if item is None:
                     continue
-                tokens, finish = item
+                tokens, finish, lps = item
                 if finish and finish.startswith("error:"):
                     raise APIError(400, finish[len("error:") :], "invalid_request")
                 if finish and finish.startswith("internal:"):
@@ -147,15 +154,16 @@ def create_app(state: ServerState) -> FastAPI:
                     done = True
                     # a round may have run past the stop string: count what plain decoding emits
                     before = text.ids[: len(text.ids) - len(tokens)]
-                    req.completion_tokens = len(before) + len(_through_stop(tok, before, tokens, stops))
-                    yield out, "stop", req
+                    through = _through_stop(tok, before, tokens, stops)
+                    req.completion_tokens = len(before) + len(through)
+                    yield out, "stop", req, None if lps is None else lps[: len(through)]
                     return
                 if finish:
                     done = True
-                    yield out + matcher.flush(), finish, req
+                    yield out + matcher.flush(), finish, req, lps
                     return
-                if out:
-                    yield out, None, req
+                if out or lps:
+                    yield out, None, req, lps
         finally:
             if not done:
                 state.scheduler.cancel(req)
@@ -212,13 +220,17 @@ def create_app(state: ServerState) -> FastAPI:
         ids, extra = chat_ids(body.messages)
         params = sampling(body.temperature, body.top_p, body.top_k, body.min_p, body.seed, body.repetition_penalty)
         n = budget(body.max_completion_tokens or body.max_tokens, len(ids))
-        stream = run(http, ids, params, n, stops_of(body.stop) + extra)
+        stream = run(http, ids, params, n, stops_of(body.stop) + extra, body.logprob_count())
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": cid, "created": created, "model": state.name}
+
+        def logprobs(lps):
+            return None if lps is None else {"content": chat_logprobs(tok, lps), "refusal": None}
+
         if not body.stream:
-            text, finish, req = await _collect(stream)
+            text, finish, req, lps = await _collect(stream)
             msg = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "message": msg, "logprobs": logprobs(lps), "finish_reason": finish}
             return {**base, "object": "chat.completion", "choices": [choice], "usage": usage(req) if req else None}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         first = await _first(stream)
@@ -228,10 +240,10 @@ def create_app(state: ServerState) -> FastAPI:
             head = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
             yield _sse({**base, "object": "chat.completion.chunk", "choices": [head], **extra_usage})
             req = None
-            async for delta, finish, r in _chain(first, stream):
+            async for delta, finish, r, lps in _chain(first, stream):
                 req = r
-                if delta:
-                    c = {"index": 0, "delta": {"content": delta}, "logprobs": None, "finish_reason": None}
+                if delta or lps:  # tokens whose text is held back still report their logprobs
+                    c = {"index": 0, "delta": {"content": delta}, "logprobs": logprobs(lps), "finish_reason": None}
                     yield _sse({**base, "object": "chat.completion.chunk", "choices": [c], **extra_usage})
                 if finish:
                     c = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
@@ -255,23 +267,26 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, "prompt must not be empty", "invalid_value", "prompt")
         params = sampling(body.temperature, body.top_p, body.top_k, body.min_p, body.seed, body.repetition_penalty)
         n = budget(body.max_tokens, len(ids))
-        stream = run(http, ids, params, n, stops_of(body.stop))
+        stream = run(http, ids, params, n, stops_of(body.stop), body.logprobs)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": cid, "object": "text_completion", "created": created, "model": state.name}
         if not body.stream:
-            text, finish, req = await _collect(stream)
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            text, finish, req, lps = await _collect(stream)
+            lp = None if lps is None else completion_logprobs(tok, lps, 0)
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
             return {**base, "choices": [choice], "usage": usage(req) if req else None}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         first = await _first(stream)
 
         async def sse():
             extra_usage = {"usage": None} if include_usage else {}
-            req = None
-            async for delta, finish, r in _chain(first, stream):
+            req, offset = None, 0
+            async for delta, finish, r, lps in _chain(first, stream):
                 req = r
-                if delta or finish:
-                    c = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+                if delta or finish or lps:
+                    lp = None if lps is None else completion_logprobs(tok, lps, offset)
+                    offset += sum(len(t) for t in lp["tokens"]) if lp else 0
+                    c = {"index": 0, "text": delta, "logprobs": lp, "finish_reason": finish}
                     yield _sse({**base, "choices": [c], **extra_usage})
             if include_usage and req is not None:
                 yield _sse({**base, "choices": [], "usage": usage(req)})
@@ -304,20 +319,24 @@ def create_app(state: ServerState) -> FastAPI:
             "aheadlm": usage(req)["aheadlm"],
         }
 
-    async def ollama_respond(http, ids, params, n, stops, stream_out: bool, wrap):
+    async def ollama_respond(http, ids, params, n, stops, stream_out: bool, wrap, logprobs: int | None):
         t0 = time.perf_counter()
-        stream = run(http, ids, params, n, stops)
+        stream = run(http, ids, params, n, stops, logprobs)
+
+        def lp(lps) -> dict:
+            return {} if lps is None else {"logprobs": chat_logprobs(tok, lps)}
+
         if not stream_out:
-            text, finish, req = await _collect(stream)
-            return {**wrap(text), **ollama_final(req, finish, t0)}
+            text, finish, req, lps = await _collect(stream)
+            return {**wrap(text), **lp(lps), **ollama_final(req, finish, t0)}
         first = await _first(stream)
 
         async def ndjson():
-            async for delta, finish, req in _chain(first, stream):
-                if delta:
-                    yield json.dumps({**wrap(delta), "done": False}) + "\n"
+            async for delta, finish, req, lps in _chain(first, stream):
                 if finish:
-                    yield json.dumps({**wrap(""), **ollama_final(req, finish, t0)}) + "\n"
+                    yield json.dumps({**wrap(delta), **lp(lps), **ollama_final(req, finish, t0)}) + "\n"
+                elif delta or lps:
+                    yield json.dumps({**wrap(delta), **lp(lps), "done": False}) + "\n"
 
         return StreamingResponse(_ends_with_error(ndjson(), _ndjson_error), media_type="application/x-ndjson")
 
@@ -338,7 +357,7 @@ def create_app(state: ServerState) -> FastAPI:
             ]
             ids, extra = state.llm.chat_prompt(msgs)
         params, n, stops = ollama_params(body.options, len(ids))
-        return await ollama_respond(http, ids, params, n, stops + extra, body.stream, wrap)
+        return await ollama_respond(http, ids, params, n, stops + extra, body.stream, wrap, body.logprob_count())
 
     @app.post("/api/chat")
     async def ollama_chat(body: OllamaChat, http: Request):
@@ -353,7 +372,7 @@ def create_app(state: ServerState) -> FastAPI:
                 "message": {"role": "assistant", "content": text},
             }
 
-        return await ollama_respond(http, ids, params, n, stops + extra, body.stream, wrap)
+        return await ollama_respond(http, ids, params, n, stops + extra, body.stream, wrap, body.logprob_count())
 
     def details() -> dict:
         cfg = state.llm.config
@@ -407,12 +426,15 @@ def create_app(state: ServerState) -> FastAPI:
     return app
 
 
-async def _collect(stream: AsyncIterator) -> tuple[str, str, EngineRequest | None]:
-    parts, finish, last = [], "length", None
-    async for delta, f, r in stream:
+async def _collect(stream: AsyncIterator) -> tuple[str, str, EngineRequest | None, list | None]:
+    parts, finish, last, logprobs = [], "length", None, None
+    async for delta, f, r, lps in stream:
         parts.append(delta)
         finish, last = f or finish, r
-    return "".join(parts), finish, last
+        if lps is not None:
+            logprobs = [] if logprobs is None else logprobs
+            logprobs.extend(lps)
+    return "".join(parts), finish, last, logprobs
 
 
 async def _client_gone(http: Request) -> bool:

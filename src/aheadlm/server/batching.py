@@ -27,10 +27,10 @@ from ..drafter import MTPDrafter
 from ..engine import Engine
 from ..kv_cache import KVCache
 from ..model import Transformer
-from ..outputs import GenerationStats
+from ..outputs import GenerationStats, TokenLogprob
 from ..prompt_cache import hold, reusable
 from ..proposers import NgramProposer, SpecState, choose_mixed
-from ..sampling import SamplingParams, apply_repetition_penalty, next_token
+from ..sampling import SamplingParams, apply_repetition_penalty, next_token, token_logprobs
 from ..speculative import judge
 
 
@@ -40,8 +40,9 @@ class Request:
     params: SamplingParams
     max_tokens: int
     stop_ids: tuple[int, ...]
-    emit: Callable[[list[int], str | None], None]
-    """Called from the engine thread with (new token ids, finish reason or None)."""
+    emit: Callable[[list[int], str | None, list[TokenLogprob] | None], None]
+    """Called from the engine thread with (new token ids, finish reason or None, their
+    log-probabilities when `logprobs` is set, else None)."""
     generator: torch.Generator | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
     cancelled: bool = False
@@ -52,6 +53,8 @@ class Request:
     ngram: NgramProposer | None = None
     completion_tokens: int | None = None
     """Set by the HTTP layer when a stop string ends the request (tokens through the stop)."""
+    logprobs: int | None = None
+    """With a number (of alternatives, 0..20), each emitted token comes with its log-probability."""
 
 
 class BatchEngine:
@@ -147,13 +150,15 @@ class BatchEngine:
             req.ngram = NgramProposer()
             req.ngram.begin(req.prompt)
         self.rows[row] = req
+        raw = logits[None]
         if req.params.repetition_penalty:
             seen = torch.tensor(req.prompt, device=self.device)[None]
-            logits = apply_repetition_penalty(logits[None], seen, req.params.repetition_penalty)[0]
+            logits = apply_repetition_penalty(raw, seen, req.params.repetition_penalty)[0]
         first = int(next_token(logits[None], req.params, req.generator)[0])
-        self._deliver(req, [first], time.perf_counter())
+        self._deliver(req, [first], raw, time.perf_counter())
 
-    def _deliver(self, req: Request, new: list[int], t_start: float) -> None:
+    def _deliver(self, req: Request, new: list[int], raw: torch.Tensor, t_start: float) -> None:
+        """Emit `new` up to a stop token or the length limit; `raw` holds each token's raw logits."""
         emit, finish = [], None
         for t in new:
             if t in req.stop_ids:
@@ -166,7 +171,7 @@ class BatchEngine:
                 break
         req.stats.completion_tokens = len(req.tokens) - len(req.prompt) + (finish == "stop")
         req.stats.decode_s += time.perf_counter() - t_start
-        req.emit(emit, finish)
+        req.emit(emit, finish, None if req.logprobs is None else token_logprobs(raw, emit, req.logprobs))
         if finish:
             self.release(req)
 
@@ -228,7 +233,7 @@ class BatchEngine:
             st.accepted += accepted
             st.draft_s += (td - t0) / len(active)
             st.target_s += (tt - td) / len(active)
-            self._deliver(r, d[:accepted] + [bonus], t0)
+            self._deliver(r, d[:accepted] + [bonus], logits[offset - m : offset], t0)
             if r.ngram is not None and self.rows[r.row] is r:
                 r.ngram.after_verify(SpecState(r.tokens, r.hidden, self.cache, self.model))
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
 from ..errors import InvalidRequestError
+from ..sampling import MAX_TOP_LOGPROBS
 
 
 class APIError(Exception):
@@ -47,8 +48,6 @@ class StreamOptions(BaseModel):
 # Fields that would change the answer but that this server does not implement, with the values
 # that mean "off" (clients often send those): anything else is a 400, not a silent wrong answer.
 UNSUPPORTED_OPENAI = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
     "tools": (None, []),
     "functions": (None, []),
@@ -110,7 +109,25 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatCompletionRequest(SamplingFields):
+class _TopLogprobs(_Base):
+    """Chat-style log-probabilities (OpenAI chat, Ollama): `logprobs` on or off, `top_logprobs`
+    alternatives per token, which need `logprobs` (as OpenAI requires)."""
+
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    def logprob_count(self) -> int | None:
+        """None (no log-probabilities) or the number of alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class ChatCompletionRequest(_TopLogprobs, SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
@@ -119,6 +136,8 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     model: str
     prompt: str | list[str] | list[int]
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    """The legacy API's form: the number of alternatives per token (the chosen token is added)."""
 
     @field_validator("prompt")
     @classmethod
@@ -153,7 +172,7 @@ class _OllamaRequest(_Base):
         return self
 
 
-class OllamaGenerate(_OllamaRequest):
+class OllamaGenerate(_TopLogprobs, _OllamaRequest):
     model: str
     prompt: str = ""
     system: str | None = None
@@ -162,7 +181,7 @@ class OllamaGenerate(_OllamaRequest):
     options: OllamaOptions | None = None
 
 
-class OllamaChat(_OllamaRequest):
+class OllamaChat(_TopLogprobs, _OllamaRequest):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     stream: StrictBool = True

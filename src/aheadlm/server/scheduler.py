@@ -70,14 +70,15 @@ class Scheduler:
         return len(self.engine.active)
 
     def submit(self, req: Request, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
-        """Queue a request; returns the asyncio queue its (tokens, finish_reason | error) arrive on."""
+        """Queue a request; returns the asyncio queue its (tokens, finish_reason | error, logprobs)
+        arrive on."""
         out: asyncio.Queue = asyncio.Queue()
         user_emit = req.emit
 
-        def emit(tokens, finish):
-            loop.call_soon_threadsafe(out.put_nowait, (tokens, finish))
+        def emit(tokens, finish, logprobs=None):
+            loop.call_soon_threadsafe(out.put_nowait, (tokens, finish, logprobs))
             if user_emit is not None:
-                user_emit(tokens, finish)
+                user_emit(tokens, finish, logprobs)
             if finish:
                 self.metrics.record(req)
 
