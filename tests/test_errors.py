@@ -346,11 +346,11 @@ def test_scheduler_survives_engine_bugs():
     try:
         assert run([666])[1][1].startswith("internal:RuntimeError")
         engine.fail_step = True
-        req, (_, finish) = run([1])
+        req, (_, finish, _) = run([1])
         assert finish.startswith("internal:ZeroDivisionError") and req in engine.released
         assert engine.rows == [None]
         engine.fail_step = False
-        assert run([2])[1] == ([1], "stop")
+        assert run([2])[1] == ([1], "stop", None)
         assert sched.thread.is_alive()
     finally:
         sched.shutdown()
