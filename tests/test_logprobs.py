@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aheadlm.engine import Engine
-from aheadlm.errors import InvalidRequestError
+from aheadlm.errors import ContextLengthError, InvalidRequestError
 from aheadlm.kv_cache import KVCache
 from aheadlm.proposers import HybridProposer, MTPProposer, NgramProposer
 from aheadlm.sampling import SamplingParams, token_logprobs
@@ -184,3 +184,39 @@ def test_real_token_bytes_and_stop_strings(name):
     assert out.finish_reason == "stop" and out.token_ids
     assert [x.token_id for x in out.logprobs] == out.token_ids
     assert all(len(x.top) == 2 for x in out.logprobs)
+
+
+def test_score_is_a_teacher_forced_forward(target):
+    """`Engine.score` gives each prompt token after the first its log-probability (over prefill
+    chunks: the prompt is longer than one); scoring leaves what prefill computes unchanged."""
+    engine = Engine(target, max_step=8)
+    prompt = [(7 * i + 3) % 160 for i in range(21)]
+    scored = engine.score(prompt, top=2)
+    want = teacher_forced(target, prompt[:1], prompt[1:])
+    assert [x.token_id for x in scored] == prompt[1:]
+    torch.testing.assert_close(
+        torch.tensor([x.logprob for x in scored]), want[torch.arange(20), torch.tensor(prompt[1:])], atol=1e-4, rtol=0
+    )
+    assert all(len(x.top) == 2 for x in scored)
+    for bad, error in (
+        ([5], InvalidRequestError),
+        (list(range(600)), ContextLengthError),
+        ([1, 999], InvalidRequestError),
+    ):
+        with pytest.raises(error):
+            engine.score(bad)
+
+
+@pytest.mark.parametrize("arch,fmt", [("gemma3", "q8"), ("llama", "q4")])
+def test_scored_prefill_equals_plain_prefill(arch, fmt):
+    """Running the head on every prompt position changes nothing else: K/V, last logits and
+    hidden are the same bits as a plain prefill's, so a scored request decodes the same tokens."""
+    _, model = packed_tiny(arch, fmt)
+    engine = Engine(model)
+    prompt = [(5 * i + 1) % 160 for i in range(150)]
+    a, b = engine.new_cache(160), engine.new_cache(160)
+    la, ha = engine.prefill(a, prompt)
+    scored = []
+    lb, hb = engine.prefill(b, prompt, scored=scored, top=1)
+    assert torch.equal(la, lb) and torch.equal(ha, hb) and len(scored) == 149
+    assert all(torch.equal(x, y) for x, y in zip(a.k + a.v, b.k + b.v, strict=True))

@@ -184,6 +184,52 @@ def test_logprobs(server):
     assert "".join(x["token"] for x in g["logprobs"]) == g["response"]
 
 
+def test_echo_scores_the_prompt(server):
+    """What evaluation harnesses send (lm-eval's local-completions: token ids, echo, logprobs 1,
+    max_tokens 1, several prompts a request): the prompt comes back with each token's
+    log-probability (the first null), equal bit for bit to `LLM.score` in this process, then the
+    completion's; max_tokens 0 scores only; streamed, the prompt is the first chunk."""
+    import aheadlm
+
+    llm = aheadlm.load(MODEL, drafter="none")
+    texts = ["The capital of France is Paris.", "Water boils at 100 degrees Celsius at sea level."]
+    ids = [llm.tokenizer.encode(t) for t in texts]
+    body = {"model": MODEL, "prompt": ids, "echo": True, "logprobs": 1, "temperature": 0, "seed": 1234}
+    r = httpx.post(server + "/v1/completions", json={**body, "max_tokens": 1}, headers=H, timeout=120).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    for c, p, text in zip(r["choices"], ids, texts, strict=True):
+        lp, n = c["logprobs"], len(p)
+        want = llm.score(p, logprobs=1)
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:n] == [x.logprob for x in want]
+        assert len(lp["tokens"]) == n + 1 and c["text"].startswith(text) and len(c["text"]) > len(text)
+        assert lp["text_offset"][n] == len(text)
+        pairs = zip(lp["token_logprobs"][1:n], lp["top_logprobs"][1:n], strict=True)
+        greedy = [max(top.values()) == v for v, top in pairs]
+        assert greedy == [x.top[0][0] == t for x, t in zip(want, p[1:], strict=True)]
+    assert r["usage"]["prompt_tokens"] == sum(map(len, ids)) and r["usage"]["completion_tokens"] == 2
+    only = httpx.post(server + "/v1/completions", json={**body, "max_tokens": 0}, headers=H, timeout=120).json()
+    assert [c["text"] for c in only["choices"]] == texts
+    assert [c["logprobs"]["token_logprobs"] for c in only["choices"]] == [
+        c["logprobs"]["token_logprobs"][:-1] for c in r["choices"]
+    ]
+    assert only["usage"]["completion_tokens"] == 0 and all(c["finish_reason"] == "length" for c in only["choices"])
+    plain = httpx.post(
+        server + "/v1/completions", json={"model": MODEL, "prompt": texts[0], "echo": True, "max_tokens": 4}, headers=H
+    ).json()["choices"][0]
+    assert plain["text"].startswith(texts[0]) and plain["logprobs"] is None
+    chunks = []
+    stream_body = {"model": MODEL, "prompt": texts[0], "echo": True, "logprobs": 0, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server + "/v1/completions", json=stream_body, headers=H, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:])["choices"][0])
+    assert chunks[0]["text"] == texts[0] and chunks[0]["logprobs"]["token_logprobs"][1:] == [
+        x.logprob for x in llm.score(texts[0])
+    ]
+    assert "".join(c["text"] for c in chunks) == plain["text"]
+
+
 def test_ollama_client(server):
     import ollama
 
@@ -301,6 +347,11 @@ BAD = [
     ),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": True}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 21}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": [[1, 2], []]}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x"] * 65}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x", "y"], "stream": True}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": [[1, 2], [10**9]]}, 400),
     ("/v1/chat/completions", {**CHAT_X, "top_logprobs": 2}, 400),
     ("/v1/chat/completions", {**CHAT_X, "logprobs": True, "top_logprobs": -1}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "x", "logprobs": True, "top_logprobs": 99}, 400),
@@ -362,19 +413,19 @@ def test_error_after_the_stream_started_is_its_last_event():
     """The timeout after a 200 went out becomes a final error event (then [DONE] for SSE)."""
     import asyncio
 
-    from aheadlm.server.app import _ends_with_error, _ndjson_error, _sse_error
     from aheadlm.server.protocol import APIError
+    from aheadlm.server.responses import ends_with_error, ndjson_error, sse_error
 
     async def chunks():
         yield "data: 1\n\n"
         raise APIError(504, "generation exceeded the 4s timeout", "timeout")
 
     async def collect(render):
-        return [c async for c in _ends_with_error(chunks(), render)]
+        return [c async for c in ends_with_error(chunks(), render)]
 
-    sse = asyncio.run(collect(_sse_error))
+    sse = asyncio.run(collect(sse_error))
     assert sse[0] == "data: 1\n\n" and "exceeded" in sse[1] and sse[1].endswith("data: [DONE]\n\n")
-    nd = asyncio.run(collect(_ndjson_error))
+    nd = asyncio.run(collect(ndjson_error))
     assert json.loads(nd[1]) == {"error": "generation exceeded the 4s timeout"}
 
 

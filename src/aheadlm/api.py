@@ -242,6 +242,12 @@ class LLM:
                 lps.extend(step.logprobs)
         return Completion("".join(text), ids, reason, stats, lps)
 
+    def score(self, prompt: str | Sequence[int], *, logprobs: int = 0) -> list[TokenLogprob]:
+        """The log-probability of each token of `prompt` after the first, given the tokens before
+        it, with the `logprobs` likeliest tokens at each position: for perplexity, or to compare
+        the likelihood of answers. A string gets the model's BOS token first, as in `generate`."""
+        return self.engine.score(self._prompt_ids(prompt), logprobs)
+
     def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
         """Token ids for a conversation and the stop strings its format needs."""
         if (

@@ -14,7 +14,7 @@ from . import fused, speculative
 from .errors import ContextLengthError, InvalidRequestError
 from .kv_cache import DEFAULT_MAX_STEP, KVCache
 from .model import Transformer
-from .outputs import GenerationStats, Step
+from .outputs import GenerationStats, Step, TokenLogprob
 from .prompt_cache import PromptCache, cache_size
 from .proposers import Proposer
 from .sampling import SamplingParams, apply_repetition_penalty, check_logprobs, next_token, token_logprobs
@@ -83,14 +83,33 @@ class Engine:
         return self.model(x, pos, cache, num_logits=num_logits)
 
     @torch.inference_mode()
-    def prefill(self, cache: KVCache, tokens: list[int]):
-        """Run the prompt in chunks; returns (last logits `[V]`, last hidden `[H]`)."""
+    def prefill(self, cache: KVCache, tokens: list[int], *, scored: list[TokenLogprob] | None = None, top: int = 0):
+        """Run the prompt in chunks; returns (last logits `[V]`, last hidden `[H]`). With `scored` (a
+        list), the output head also runs on every position, and each token after the first gets its
+        log-probability given the tokens before it (and the `top` likeliest), appended to `scored`."""
         step = self.prefill_step
         for i in range(0, len(tokens), step):
             chunk = tokens[i : i + step]
             last = i + step >= len(tokens)
-            logits, hidden = self._forward(cache, chunk, 1 if last else 0)
+            logits, hidden = self._forward(cache, chunk, None if scored is not None else 1 if last else 0)
+            if scored is not None:  # row j predicts token i + j + 1
+                scored += token_logprobs(logits[0], tokens[i + 1 : i + 1 + len(chunk)], top)
         return logits[0, -1], hidden[0, -1]
+
+    @torch.inference_mode()
+    def score(self, prompt: list[int], top: int = 0) -> list[TokenLogprob]:
+        """The log-probability of each prompt token after the first given the ones before it, with
+        the `top` likeliest tokens at each position (perplexity, evaluations of choices)."""
+        top = check_logprobs(top)
+        if len(prompt) < 2:
+            raise InvalidRequestError("scoring needs at least two tokens (the first one has no context)")
+        if len(prompt) > self.n_ctx:
+            raise ContextLengthError(f"the text has {len(prompt)} tokens; the context holds {self.n_ctx}")
+        if max(prompt) >= self.config.vocab_size or min(prompt) < 0:
+            raise InvalidRequestError("prompt token ids out of the vocabulary range")
+        scored: list[TokenLogprob] = []
+        self.prefill(self.new_cache(len(prompt)), prompt, scored=scored, top=top or 0)
+        return scored
 
     def check_prompt(self, prompt: list[int], max_tokens: int) -> None:
         if not prompt:

@@ -97,6 +97,11 @@ class Tokenizer:
         byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece's byte fallback
         return bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode()
 
+    def is_special(self, token_id: int) -> bool:
+        """Whether `decode` leaves this token out of the text (BOS, EOS, turn markers)."""
+        added = self._added_ids().get(token_id)
+        return added is not None and added.special
+
     def _added_ids(self) -> dict:
         if self._added is None:
             self._added = self.backend.get_added_tokens_decoder()

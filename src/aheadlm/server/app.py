@@ -24,7 +24,7 @@ from ..tokenizer import TextStream
 from . import error_handlers
 from .batching import Request as EngineRequest
 from .error_handlers import error_response
-from .logprobs import chat_logprobs, completion_logprobs
+from .logprobs import chat_logprobs, completion_logprobs, joined, prompt_logprobs
 from .metrics import endpoint_label, prometheus
 from .middleware import BodyLimit, JsonBodies
 from .protocol import (
@@ -35,6 +35,17 @@ from .protocol import (
     OllamaGenerate,
     OllamaOptions,
     OllamaShow,
+)
+from .responses import (
+    chain,
+    client_gone,
+    collect,
+    ends_with_error,
+    first_item,
+    ndjson_error,
+    sse_error,
+    sse_event,
+    usage,
 )
 from .scheduler import QueueFull, Scheduler
 
@@ -115,10 +126,14 @@ def create_app(state: ServerState) -> FastAPI:
         max_tokens: int,
         stops: list[str],
         logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> AsyncIterator:
         """Yields (text delta, finish_reason | None, engine request, the log-probabilities of the
-        tokens behind the delta: a list when `logprobs` is set, else None)."""
-        req = EngineRequest(ids, params, max_tokens, tok.stop_ids, emit=None, logprobs=logprobs)
+        tokens behind the delta: a list when `logprobs` is set, else None). With `prompt_logprobs`
+        the request's `prompt_scored` is filled before the first item."""
+        req = EngineRequest(
+            ids, params, max_tokens, tok.stop_ids, emit=None, logprobs=logprobs, prompt_logprobs=prompt_logprobs
+        )
         try:
             queue = state.scheduler.submit(req, asyncio.get_running_loop())
         except QueueFull as e:
@@ -138,7 +153,7 @@ def create_app(state: ServerState) -> FastAPI:
                 # checked while tokens flow too: a client that gave up on a long non-streamed
                 # answer must free its row, not hold it to the end
                 if time.monotonic() >= next_check:
-                    if await _client_gone(http):
+                    if await client_gone(http):
                         return
                     next_check = time.monotonic() + 0.5
                 if item is None:
@@ -167,26 +182,6 @@ def create_app(state: ServerState) -> FastAPI:
         finally:
             if not done:
                 state.scheduler.cancel(req)
-
-    def usage(req: EngineRequest) -> dict:
-        s = req.stats
-        completion = req.completion_tokens
-        if completion is None:
-            completion = len(req.tokens) - len(req.prompt) if req.tokens else 0
-        return {
-            "prompt_tokens": s.prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": s.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
-            "aheadlm": {
-                "mean_accepted_length": round(s.mean_accepted_length, 3),
-                "acceptance_rate": round(s.acceptance_rate, 4),
-                "drafted_tokens": s.drafted,
-                "accepted_tokens": s.accepted,
-                "target_forwards": s.target_forwards,
-                "tokens_per_s": round(s.tokens_per_s, 2),
-            },
-        }
 
     def chat_ids(messages) -> tuple[list[int], list[str]]:
         msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
@@ -228,71 +223,116 @@ def create_app(state: ServerState) -> FastAPI:
             return None if lps is None else {"content": chat_logprobs(tok, lps), "refusal": None}
 
         if not body.stream:
-            text, finish, req, lps = await _collect(stream)
+            text, finish, req, lps = await collect(stream)
             msg = {"role": "assistant", "content": text}
             choice = {"index": 0, "message": msg, "logprobs": logprobs(lps), "finish_reason": finish}
             return {**base, "object": "chat.completion", "choices": [choice], "usage": usage(req) if req else None}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        first = await _first(stream)
+        first = await first_item(stream)
 
-        async def sse():
+        async def events():
             extra_usage = {"usage": None} if include_usage else {}
             head = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            yield _sse({**base, "object": "chat.completion.chunk", "choices": [head], **extra_usage})
+            yield sse_event({**base, "object": "chat.completion.chunk", "choices": [head], **extra_usage})
             req = None
-            async for delta, finish, r, lps in _chain(first, stream):
+            async for delta, finish, r, lps in chain(first, stream):
                 req = r
                 if delta or lps:  # tokens whose text is held back still report their logprobs
                     c = {"index": 0, "delta": {"content": delta}, "logprobs": logprobs(lps), "finish_reason": None}
-                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [c], **extra_usage})
+                    yield sse_event({**base, "object": "chat.completion.chunk", "choices": [c], **extra_usage})
                 if finish:
                     c = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
-                    yield _sse({**base, "object": "chat.completion.chunk", "choices": [c], **extra_usage})
+                    yield sse_event({**base, "object": "chat.completion.chunk", "choices": [c], **extra_usage})
             if include_usage and req is not None:
-                yield _sse({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(req)})
+                yield sse_event({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(req)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(_ends_with_error(sse(), _sse_error), media_type="text/event-stream")
+        return StreamingResponse(ends_with_error(events(), sse_error), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http: Request):
-        check_model(body.model)
-        if isinstance(body.prompt, str):
-            ids = tok.encode(body.prompt)
+    def completion_ids(prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = tok.encode(prompt)
         else:
-            ids = body.prompt
+            ids = prompt
             if any(not isinstance(i, int) or i < 0 or i >= state.llm.config.vocab_size for i in ids):
                 raise APIError(400, "prompt token ids out of the vocabulary range", "invalid_value", "prompt")
         if not ids:
             raise APIError(400, "prompt must not be empty", "invalid_value", "prompt")
+        return ids
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request):
+        check_model(body.model)
+        prompts = [completion_ids(p) for p in body.prompts()]
+        if body.stream and len(prompts) > 1:
+            raise APIError(400, "a streamed request takes one prompt", "invalid_value", "prompt")
         params = sampling(body.temperature, body.top_p, body.top_k, body.min_p, body.seed, body.repetition_penalty)
-        n = budget(body.max_tokens, len(ids))
-        stream = run(http, ids, params, n, stops_of(body.stop), body.logprobs)
+        scoring = body.max_tokens == 0  # echo only: the engine decodes one token, which is dropped
+        scored = body.logprobs if body.echo else None
+        stops = stops_of(body.stop)
+        streams = [
+            run(http, ids, params, budget(1 if scoring else body.max_tokens, len(ids)), stops, body.logprobs, scored)
+            for ids in prompts
+        ]
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": cid, "object": "text_completion", "created": created, "model": state.name}
-        if not body.stream:
-            text, finish, req, lps = await _collect(stream)
-            lp = None if lps is None else completion_logprobs(tok, lps, 0)
-            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
-            return {**base, "choices": [choice], "usage": usage(req) if req else None}
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        first = await _first(stream)
 
-        async def sse():
+        def echoed(ids: list[int], req) -> tuple[str, dict | None]:
+            """The prompt's text and, with logprobs, its legacy logprobs object."""
+            if scoring:
+                req.completion_tokens = 0
+            text = tok.decode(ids)
+            return text, None if scored is None else prompt_logprobs(tok, ids, req.prompt_scored)
+
+        if not body.stream:
+            tasks = [asyncio.ensure_future(collect(st)) for st in streams]
+            try:
+                results = await asyncio.gather(*tasks)
+            except BaseException:
+                for t in tasks:  # their requests leave the scheduler as their streams close
+                    t.cancel()
+                raise
+            choices = []
+            for i, (ids, (text, finish, req, lps)) in enumerate(zip(prompts, results, strict=True)):
+                if scoring:
+                    text, finish, lps = "", "length", None if lps is None else []
+                lp = None if lps is None else completion_logprobs(tok, lps, 0)
+                if body.echo:
+                    head, head_lp = echoed(ids, req)
+                    lp = None if lp is None else joined(head_lp, completion_logprobs(tok, lps, len(head)))
+                    text = head + text
+                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+            reqs = [r for _, _, r, _ in results if r is not None]
+            return {**base, "choices": choices, "usage": usage(*reqs) if reqs else None}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = streams[0]
+        first = await first_item(stream)
+
+        async def events():
             extra_usage = {"usage": None} if include_usage else {}
-            req, offset = None, 0
-            async for delta, finish, r, lps in _chain(first, stream):
-                req = r
-                if delta or finish or lps:
-                    lp = None if lps is None else completion_logprobs(tok, lps, offset)
-                    offset += sum(len(t) for t in lp["tokens"]) if lp else 0
-                    c = {"index": 0, "text": delta, "logprobs": lp, "finish_reason": finish}
-                    yield _sse({**base, "choices": [c], **extra_usage})
+            req, offset = None if first is None else first[2], 0
+            if body.echo and req is not None:
+                head, head_lp = echoed(prompts[0], req)
+                c = {"index": 0, "text": head, "logprobs": head_lp, "finish_reason": None}
+                yield sse_event({**base, "choices": [c], **extra_usage})
+                offset = len(head)
+            if scoring:
+                await stream.aclose()  # frees the row: nothing is generated
+                c = {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+                yield sse_event({**base, "choices": [c], **extra_usage})
+            else:
+                async for delta, finish, r, lps in chain(first, stream):
+                    req = r
+                    if delta or finish or lps:
+                        lp = None if lps is None else completion_logprobs(tok, lps, offset)
+                        offset += sum(len(t) for t in lp["tokens"]) if lp else len(delta)
+                        c = {"index": 0, "text": delta, "logprobs": lp, "finish_reason": finish}
+                        yield sse_event({**base, "choices": [c], **extra_usage})
             if include_usage and req is not None:
-                yield _sse({**base, "choices": [], "usage": usage(req)})
+                yield sse_event({**base, "choices": [], "usage": usage(req)})
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(_ends_with_error(sse(), _sse_error), media_type="text/event-stream")
+        return StreamingResponse(ends_with_error(events(), sse_error), media_type="text/event-stream")
 
     # -- Ollama ------------------------------------------------------------------------------------
     def ollama_params(o: OllamaOptions | None, prompt_len: int) -> tuple[SamplingParams, int, list[str]]:
@@ -327,18 +367,18 @@ def create_app(state: ServerState) -> FastAPI:
             return {} if lps is None else {"logprobs": chat_logprobs(tok, lps)}
 
         if not stream_out:
-            text, finish, req, lps = await _collect(stream)
+            text, finish, req, lps = await collect(stream)
             return {**wrap(text), **lp(lps), **ollama_final(req, finish, t0)}
-        first = await _first(stream)
+        first = await first_item(stream)
 
         async def ndjson():
-            async for delta, finish, req, lps in _chain(first, stream):
+            async for delta, finish, req, lps in chain(first, stream):
                 if finish:
                     yield json.dumps({**wrap(delta), **lp(lps), **ollama_final(req, finish, t0)}) + "\n"
                 elif delta or lps:
                     yield json.dumps({**wrap(delta), **lp(lps), "done": False}) + "\n"
 
-        return StreamingResponse(_ends_with_error(ndjson(), _ndjson_error), media_type="application/x-ndjson")
+        return StreamingResponse(ends_with_error(ndjson(), ndjson_error), media_type="application/x-ndjson")
 
     @app.post("/api/generate")
     async def ollama_generate(body: OllamaGenerate, http: Request):
@@ -424,62 +464,3 @@ def create_app(state: ServerState) -> FastAPI:
 
     known_paths.update(r.path for r in app.routes)
     return app
-
-
-async def _collect(stream: AsyncIterator) -> tuple[str, str, EngineRequest | None, list | None]:
-    parts, finish, last, logprobs = [], "length", None, None
-    async for delta, f, r, lps in stream:
-        parts.append(delta)
-        finish, last = f or finish, r
-        if lps is not None:
-            logprobs = [] if logprobs is None else logprobs
-            logprobs.extend(lps)
-    return "".join(parts), finish, last, logprobs
-
-
-async def _client_gone(http: Request) -> bool:
-    """Whether the client hung up. Starlette's `is_disconnected` cancels its read at once, and
-    under the http middleware that cancel always wins, so it never sees the disconnect; wait a
-    moment instead. The body has been read: the only message left to come is the disconnect."""
-    try:
-        message = await asyncio.wait_for(http.receive(), timeout=0.01)
-    except asyncio.TimeoutError:
-        return False
-    return message.get("type") == "http.disconnect"
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
-def _sse_error(e: APIError) -> str:
-    return _sse(e.body()) + "data: [DONE]\n\n"
-
-
-def _ndjson_error(e: APIError) -> str:
-    return json.dumps({"error": e.message}) + "\n"
-
-
-async def _ends_with_error(chunks: AsyncIterator[str], render) -> AsyncIterator[str]:
-    """A stream's error after its 200 went out (the timeout, an engine failure) becomes its last
-    event, so the client sees why it ended instead of a silently cut stream."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    except APIError as e:
-        yield render(e)
-
-
-async def _first(stream: AsyncIterator):
-    """Await the first item before the response starts, so errors still get a proper status."""
-    try:
-        return await stream.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
-async def _chain(first, stream: AsyncIterator):
-    if first is not None:
-        yield first
-    async for item in stream:
-        yield item

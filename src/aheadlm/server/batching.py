@@ -55,6 +55,10 @@ class Request:
     """Set by the HTTP layer when a stop string ends the request (tokens through the stop)."""
     logprobs: int | None = None
     """With a number (of alternatives, 0..20), each emitted token comes with its log-probability."""
+    prompt_logprobs: int | None = None
+    """With a number, the prompt is scored too: `prompt_scored` gets, before the first tokens are
+    emitted, the log-probability of each prompt token after the first (and that many alternatives)."""
+    prompt_scored: list[TokenLogprob] | None = None
 
 
 class BatchEngine:
@@ -130,6 +134,9 @@ class BatchEngine:
         that row, emit its first token."""
         self._prefill_engine.check_prompt(req.prompt, req.max_tokens)
         row, held = self._pick_row(req.prompt)
+        scored = None if req.prompt_logprobs is None else []
+        if scored is not None:
+            held = 0  # every prompt position's logits are needed, and a kept prefix has none
         t0 = time.perf_counter()
         tmp = self._tmp
         tmp.reset()  # stale K/V may stay: empty slots (position -1) are never attended to
@@ -137,7 +144,10 @@ class BatchEngine:
             tmp.copy_row_from(self.cache, row, 0)
             tmp.trim(held)
         self.kept[row] = []  # the row is rewritten from here on
-        logits, hidden = self._prefill_engine.prefill(tmp, req.prompt[held:])
+        logits, hidden = self._prefill_engine.prefill(
+            tmp, req.prompt[held:], scored=scored, top=req.prompt_logprobs or 0
+        )
+        req.prompt_scored = scored
         self.cache.reset(row)
         self.cache.copy_row_from(tmp, 0, row)
         req.stats.prompt_tokens = len(req.prompt)

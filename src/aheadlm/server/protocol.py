@@ -54,7 +54,6 @@ UNSUPPORTED_OPENAI = {
     "response_format": (None, {"type": "text"}),
     "frequency_penalty": (None, 0, 0.0),
     "presence_penalty": (None, 0, 0.0),
-    "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
 }
@@ -133,23 +132,42 @@ class ChatCompletionRequest(_TopLogprobs, SamplingFields):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
 
 
+MAX_PROMPTS = 64
+"""Prompts one /v1/completions request may batch (each becomes a request of its own)."""
+
+
 class CompletionRequest(SamplingFields):
     model: str
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     """The legacy API's form: the number of alternatives per token (the chosen token is added)."""
+    echo: StrictBool = False
+    """Return the prompt before the completion, and with `logprobs` the prompt tokens' too."""
+    max_tokens: StrictInt | None = Field(default=None, ge=0)
+    """0 only with `echo`: score the prompt, generate nothing (as evaluation harnesses ask)."""
 
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
         if isinstance(v, list):
-            if not v:
+            if not v or any(isinstance(x, list) and not x for x in v):
                 raise ValueError("prompt must not be empty")
-            if all(isinstance(x, str) for x in v):
-                if len(v) != 1:
-                    raise ValueError("only one prompt per request is supported")
-                return v[0]
+            if all(isinstance(x, str | list) for x in v) and len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         return v
+
+    @model_validator(mode="after")
+    def _zero_tokens_need_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 needs echo (it scores the prompt and generates nothing)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or token ids."""
+        v = self.prompt
+        if isinstance(v, str) or (v and isinstance(v[0], int)):
+            return [v]
+        return list(v)
 
 
 class OllamaOptions(_Base):
