@@ -24,7 +24,8 @@ def target(request):
 def run(engine, prompt, params=None, **kw):
     toks, lps = [], []
     for step in engine.generate(prompt, params, **kw):
-        assert step.logprobs is not None and len(step.logprobs) == len(step.token_ids)
+        # one per token, and one for the stop token that ends a step, if one does
+        assert step.logprobs is not None and len(step.logprobs) == len(step.token_ids) + (step.finish_reason == "stop")
         toks += step.token_ids
         lps += step.logprobs
     return toks, lps
@@ -98,16 +99,17 @@ def test_compiled_logprobs_are_bit_identical(arch, fmt):
 
 
 def test_logprobs_follow_stops_and_limits(target):
-    """A stop token ends a step without a log-probability for it; a round cut by max_tokens
-    carries exactly the tokens it emits; logprobs=0 lists no alternatives; None gives none."""
+    """A stop token is not emitted but gets its log-probability (it counts as a completion token,
+    and evaluation harnesses read an entry for it); a round cut by max_tokens carries exactly the
+    tokens it emits; logprobs=0 lists no alternatives; None gives none."""
     engine = engines(target)["ngram"]
-    toks, _ = run(engine, PROMPTS[1], max_tokens=20, logprobs=0)
+    toks, free = run(engine, PROMPTS[1], max_tokens=20, logprobs=0)
     stop = toks[5]
-    steps = list(engine.generate(PROMPTS[1], max_tokens=20, stop_ids=(stop,), logprobs=0))
-    assert steps[-1].finish_reason == "stop"
-    emitted = [t for s in steps for t in s.token_ids]
-    assert emitted == toks[: toks.index(stop)]
-    assert all(len(s.logprobs) == len(s.token_ids) and all(x.top == [] for x in s.logprobs) for s in steps)
+    emitted, lps = run(engine, PROMPTS[1], max_tokens=20, stop_ids=(stop,), logprobs=0)
+    cut = toks.index(stop)
+    assert emitted == toks[:cut]
+    assert [(x.token_id, x.logprob) for x in lps] == [(x.token_id, x.logprob) for x in free[: cut + 1]]
+    assert lps[-1].token_id == stop and all(x.top == [] for x in lps)
     for n in (1, 2, 7):
         got, lps = run(engine, PROMPTS[1], max_tokens=n, logprobs=1)
         assert len(got) == len(lps) == n
@@ -120,12 +122,16 @@ def test_logprobs_follow_stops_and_limits(target):
 @pytest.mark.parametrize("arch,fmt,ngram", [("gemma3", "q8", False), ("llama", "q4", True)])
 def test_batch_engine_logprobs_match_single_runs(arch, fmt, ngram):
     """The server's engine: each request's log-probabilities equal, bit for bit, its single-sequence
-    run's, with rows joining mid-way and a request without logprobs beside them."""
+    run's, with rows joining mid-way, a request without logprobs beside them, and one ended by a
+    stop token (which gets its entry)."""
     from aheadlm.server.batching import BatchEngine, Request
 
     _, target = packed_tiny(arch, fmt)
     plain = Engine(target)
-    expected = [run(plain, p, max_tokens=10 + 3 * i, logprobs=2) for i, p in enumerate(PROMPTS)]
+    free = run(plain, PROMPTS[2], max_tokens=16, logprobs=0)[0]
+    stops = [(), (), (free[7],)]
+    expected = [run(plain, p, max_tokens=10 + 3 * i, stop_ids=stops[i], logprobs=2) for i, p in enumerate(PROMPTS)]
+    assert expected[2][1][-1].token_id == free[7]  # the stop token's entry
     engine = BatchEngine(
         target, drafter=random_drafter(target, seed=3), ngram=ngram, num_draft=3, slots=4, n_ctx=64, draft_max_batch=4
     )
@@ -137,13 +143,13 @@ def test_batch_engine_logprobs_match_single_runs(arch, fmt, ngram):
             if i == 1:
                 assert lps is None
             else:
-                assert len(lps) == len(toks)
+                assert len(lps) == len(toks) + (finish == "stop")
                 got[i][1].extend(lps)
 
         return emit
 
     pending = [
-        Request(p, SamplingParams(), 10 + 3 * i, (), emit=collect(i), logprobs=None if i == 1 else 2)
+        Request(p, SamplingParams(), 10 + 3 * i, stops[i], emit=collect(i), logprobs=None if i == 1 else 2)
         for i, p in enumerate(PROMPTS)
     ]
     engine.admit(pending.pop(0))

@@ -31,7 +31,8 @@ class Completion:
     finish_reason: str
     stats: GenerationStats = field(default_factory=GenerationStats)
     logprobs: list[TokenLogprob] | None = None
-    """One per token in `token_ids`, when asked for with `logprobs=`."""
+    """When asked for with `logprobs=`: one per token in `token_ids`, then one for the stop token
+    that ended generation, if one did."""
 
 
 def _is_count(x) -> bool:

@@ -194,7 +194,7 @@ class Engine:
                 elif n_out >= max_tokens or len(prompt) + n_out >= limit:
                     finish = "length"
                 emitted = [] if finish == "stop" else [tok]
-                lps = None if top is None else token_logprobs(raw[None], emitted, top)
+                lps = None if top is None else token_logprobs(raw[None], [tok], top)  # a stop token's too
                 now = time.perf_counter()
                 stats.decode_s += now - t_step
                 yield Step(emitted, finish, now - t_step, logprobs=lps)

@@ -32,7 +32,9 @@ class Step:
     text: str = ""
     """Text delta, filled in by the API layer."""
     logprobs: list[TokenLogprob] | None = None
-    """One per token in `token_ids`, when the caller asked for log-probabilities."""
+    """When the caller asked for log-probabilities: one per token in `token_ids`, then one for the
+    stop token that ended the step, if one did (it counts as a completion token, as in vLLM and
+    OpenAI, and evaluation harnesses expect an entry for it)."""
 
 
 @dataclass

@@ -144,10 +144,10 @@ def generate(
         first = int(next_token(logits[None], params, generator)[0])
         new, drafted, accepted = [first], 0, 0
         while True:
-            emit, finish = [], None
+            emit, finish, stop = [], None, []
             for t in new:
                 if t in stop_ids:
-                    finish = "stop"
+                    finish, stop = "stop", [t]
                     break
                 emit.append(t)
                 tokens.append(t)
@@ -155,7 +155,7 @@ def generate(
                     finish = "length"
                     break
             stats.completion_tokens = len(tokens) - len(prompt) + (finish == "stop")
-            lps = None if logprobs is None else token_logprobs(raw, emit, logprobs)
+            lps = None if logprobs is None else token_logprobs(raw, emit + stop, logprobs)
             now = time.perf_counter()
             stats.decode_s += now - t_round
             yield Step(emit, finish, now - t_round, drafted, accepted, logprobs=lps)

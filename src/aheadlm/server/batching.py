@@ -42,7 +42,7 @@ class Request:
     stop_ids: tuple[int, ...]
     emit: Callable[[list[int], str | None, list[TokenLogprob] | None], None]
     """Called from the engine thread with (new token ids, finish reason or None, their
-    log-probabilities when `logprobs` is set, else None)."""
+    log-probabilities when `logprobs` is set, else None; after a stop token, one more for it)."""
     generator: torch.Generator | None = None
     stats: GenerationStats = field(default_factory=GenerationStats)
     cancelled: bool = False
@@ -169,10 +169,10 @@ class BatchEngine:
 
     def _deliver(self, req: Request, new: list[int], raw: torch.Tensor, t_start: float) -> None:
         """Emit `new` up to a stop token or the length limit; `raw` holds each token's raw logits."""
-        emit, finish = [], None
+        emit, finish, stop = [], None, []
         for t in new:
             if t in req.stop_ids:
-                finish = "stop"
+                finish, stop = "stop", [t]
                 break
             emit.append(t)
             req.tokens.append(t)
@@ -181,7 +181,8 @@ class BatchEngine:
                 break
         req.stats.completion_tokens = len(req.tokens) - len(req.prompt) + (finish == "stop")
         req.stats.decode_s += time.perf_counter() - t_start
-        req.emit(emit, finish, None if req.logprobs is None else token_logprobs(raw, emit, req.logprobs))
+        lps = None if req.logprobs is None else token_logprobs(raw, emit + stop, req.logprobs)  # a stop token's too
+        req.emit(emit, finish, lps)
         if finish:
             self.release(req)
 
