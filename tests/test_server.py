@@ -236,6 +236,8 @@ def test_echo_scores_the_prompt(server):
 def test_ollama_client(server):
     import ollama
 
+    import aheadlm
+
     client = ollama.Client(host=server, headers=H)
     assert any(m.model.startswith(MODEL) for m in client.list().models)
     r = client.chat(
@@ -254,6 +256,8 @@ def test_ollama_client(server):
     g = client.generate(model=MODEL, prompt="Why is the sky blue?", options={"temperature": 0, "num_predict": 12})
     assert g.response and g.eval_count > 0
     assert client.show(MODEL).details.family == "llama"
+    assert [m.model for m in client.ps().models] == [f"{MODEL}:latest"]
+    assert httpx.get(server + "/api/version", headers=H).json()["version"] == aheadlm.__version__
 
 
 def test_concurrent_greedy_identical(server):

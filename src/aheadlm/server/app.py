@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from .. import __version__
 from ..api import LLM, _StopMatcher, _through_stop
 from ..errors import ContextLengthError
 from ..sampling import SamplingParams
@@ -425,17 +426,28 @@ def create_app(state: ServerState) -> FastAPI:
             "quantization_level": "native",
         }
 
-    @app.get("/api/tags")
-    async def ollama_tags():
-        m = {
+    def listed() -> dict:
+        return {
             "name": f"{state.name}:latest",
             "model": f"{state.name}:latest",
-            "modified_at": _now_rfc3339(),
             "size": state.file_size,
             "digest": uuid.uuid5(uuid.NAMESPACE_URL, state.name).hex,
             "details": details(),
         }
-        return {"models": [m]}
+
+    @app.get("/api/tags")
+    async def ollama_tags():
+        return {"models": [{**listed(), "modified_at": _now_rfc3339()}]}
+
+    @app.get("/api/ps")
+    async def ollama_ps():
+        # the one model is loaded for the server's lifetime, on the CPU unless a GPU was chosen
+        on_gpu = next(state.llm.engine.model.parameters()).device.type == "cuda"
+        return {"models": [{**listed(), "expires_at": "9999-12-31T23:59:59Z", "size_vram": state.file_size * on_gpu}]}
+
+    @app.get("/api/version")
+    async def ollama_version():
+        return {"version": __version__}
 
     @app.post("/api/show")
     async def ollama_show(body: OllamaShow):
