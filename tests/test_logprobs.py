@@ -2,6 +2,9 @@
 whether a token came from plain decoding, an accepted draft or a bonus, from the single-sequence
 engine or the server's batch engine; equal to a teacher-forced forward over the whole sequence."""
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -226,3 +229,49 @@ def test_scored_prefill_equals_plain_prefill(arch, fmt):
     lb, hb = engine.prefill(b, prompt, scored=scored, top=1)
     assert torch.equal(la, lb) and torch.equal(ha, hb) and len(scored) == 149
     assert all(torch.equal(x, y) for x, y in zip(a.k + a.v, b.k + b.v, strict=True))
+
+
+def test_perplexity_windows(target):
+    """llama.cpp's windows: `ctx` tokens each, BOS in front, the second half scored; the running
+    value is exp of the mean NLL so far; bad windows and short texts are refused clearly."""
+    from aheadlm.perplexity import perplexity
+
+    engine = Engine(target)
+    tokens = [(11 * i + 2) % 160 for i in range(70)]
+    runs = list(perplexity(engine, tokens, 16, bos=1))
+    assert [w.index for w in runs] == [1, 2, 3, 4] and runs[-1].tokens == 4 * 7
+    nll = 0.0
+    for w in range(4):
+        chunk = [1] + tokens[w * 16 + 1 : (w + 1) * 16]
+        lp = teacher_forced(target, chunk[:1], chunk[1:])  # row j: the distribution of chunk[j + 1]
+        nll -= sum(lp[j, chunk[j + 1]].item() for j in range(8, 15))
+    assert runs[-1].ppl == pytest.approx(math.exp(nll / 28), rel=1e-4)
+    assert runs[-1].ppl_error > 0 and len(list(perplexity(engine, tokens, 16, None, limit=2))) == 2
+    for ctx, n in ((2, 70), (600, 700), (16, 10)):
+        with pytest.raises(InvalidRequestError):
+            list(perplexity(engine, tokens[:n] if n <= 70 else tokens * 10, ctx, None))
+
+
+@pytest.mark.realmodel
+def test_perplexity_command(tmp_path, capsys):
+    """`aheadlm perplexity`: llama.cpp's running values then the result, or one JSON object; a
+    missing, non-UTF-8 or too short file is a one-line error."""
+    from aheadlm.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("The printing press changed how knowledge spread across Europe. " * 30)
+    assert main(["perplexity", "-m", "smollm2-135m", "-f", str(text), "--ctx", "128", "--chunks", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("[1]") and ",[2]" in out and "PPL = " in out and "in 2 windows of 128" in out
+    assert main(["perplexity", "-m", "smollm2-135m", "-f", str(text), "--ctx", "128", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["windows"] >= 2 and result["tokens_scored"] == 63 * result["windows"] and result["ppl"] > 1
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00bad")
+    for path, ctx, message in (
+        (tmp_path / "none.txt", "128", "No such file"),
+        (tmp_path / "bin.txt", "128", "not UTF-8"),
+        (text, "4096", "one window needs"),
+    ):
+        assert main(["perplexity", "-m", "smollm2-135m", "-f", str(path), "--ctx", ctx]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and message in err and "Traceback" not in err

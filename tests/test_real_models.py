@@ -131,3 +131,26 @@ def test_prefill_equals_decoding_token_by_token(models):
     if not engine.exact_prefill:
         pytest.skip("no compiled kernels on this CPU")
     assert_same_cache_and_output(*prefill_and_decode(engine, ours.tokenizer.encode(TEXT)[:150]))
+
+
+def test_perplexity_matches_transformers(models):
+    """`aheadlm perplexity`'s number (llama.cpp's windows: second halves scored, BOS first) equals
+    the same windows through transformers to within the products' rounding."""
+    from aheadlm.perplexity import perplexity
+
+    ours, hf, _, _ = models
+    tok = ours.tokenizer
+    tokens = tok.encode(TEXT * 3)
+    bos = tok.bos_id if tok.add_bos else None
+    last = list(perplexity(ours.engine, tokens, 128, bos, limit=2))[-1]
+    nll, n = 0.0, 0
+    for w in range(2):
+        chunk = tokens[w * 128 : (w + 1) * 128]
+        chunk = chunk if bos is None else [bos] + chunk[1:]
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor([chunk])).logits[0].double(), -1)
+        for j in range(64, 127):
+            nll -= lp[j, chunk[j + 1]].item()
+            n += 1
+    assert last.tokens == n == 126
+    assert abs(last.ppl / torch.tensor(nll / n).exp().item() - 1) < 2e-3

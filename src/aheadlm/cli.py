@@ -1,4 +1,5 @@
-"""Command line: `aheadlm generate | chat | models | bench | serve | train-drafter | export-drafter`.
+"""Command line: `aheadlm generate | chat | models | bench | perplexity | serve | train-drafter |
+export-drafter`.
 
 aheadlm generate "The history of the printing press begins" --max-tokens 64 --stats
 """
@@ -251,6 +252,44 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(a: argparse.Namespace) -> int:
+    from .api import load, resolve_dtype
+    from .perplexity import perplexity
+
+    try:
+        text = Path(a.file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(f"{a.file} is not UTF-8 text ({e.reason})") from None
+    resolve_dtype(a.dtype)  # a bad --dtype fails before the model loads
+    llm = load(a.model, drafter="none", dtype=a.dtype, device=a.device, n_ctx=a.n_ctx)
+    tok = llm.tokenizer
+    tokens = tok.encode(text)
+    bos = tok.bos_id if tok.add_bos else None
+    last = None
+    for w in perplexity(llm.engine, tokens, a.ctx, bos, a.chunks):
+        last = w
+        if not a.json:
+            print(f"[{w.index}]{w.ppl:.4f}", end="," if w.index < w.windows else "\n", flush=True)
+    out = {
+        "model": llm.name,
+        "file": a.file,
+        "ctx": a.ctx,
+        "windows": last.windows,
+        "tokens_scored": last.tokens,
+        "ppl": last.ppl,
+        "ppl_error": last.ppl_error,
+        "seconds": last.seconds,
+    }
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"PPL = {last.ppl:.4f} +/- {last.ppl_error:.4f} ({last.tokens} tokens in {last.windows} windows of "
+            f"{a.ctx}, {last.seconds:.1f} s)"
+        )
+    return 0
+
+
 def cmd_export_drafter(a: argparse.Namespace) -> int:
     from .checkpoint import hf_config, hf_folder_weights
     from .drafter import load_drafter
@@ -331,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--drafter", required=True, help="drafter folder written by train-drafter")
     e.add_argument("--out", required=True, help="output folder (gemma4_assistant layout)")
     e.set_defaults(func=cmd_export_drafter)
+
+    pp = sub.add_parser("perplexity", help="perplexity of a text file, as llama.cpp's llama-perplexity measures it")
+    _add_model_args(pp)
+    pp.add_argument("--file", "-f", required=True, help="a UTF-8 text file")
+    pp.add_argument("--ctx", type=int, default=512, help="window size; its second half is scored (default 512)")
+    pp.add_argument("--chunks", type=int, default=None, help="score at most this many windows")
+    pp.add_argument("--json", action="store_true", help="print one JSON object")
+    pp.set_defaults(func=cmd_perplexity)
 
     m = sub.add_parser("models", help="list registered models, or describe model files/folders")
     m.add_argument("paths", nargs="*", help="GGUF files or Hugging Face folders to describe instead")
