@@ -233,6 +233,36 @@ def test_echo_scores_the_prompt(server):
     assert "".join(c["text"] for c in chunks) == plain["text"]
 
 
+def test_several_choices(server):
+    """`n` choices decode as requests of their own, together: choice i samples with seed + i, so
+    each equals a single request with that seed; streamed, each index carries its own text; on
+    /v1/completions the choices of each prompt follow each other, as OpenAI orders them."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server + "/v1", api_key=KEY)
+    msgs = [{"role": "user", "content": "Invent a name for a cat."}]
+    kw = dict(model=MODEL, messages=msgs, max_tokens=12, temperature=1.0, seed=7)
+    r = client.chat.completions.create(**kw, n=2)
+    assert [c.index for c in r.choices] == [0, 1]
+    singles = [client.chat.completions.create(**{**kw, "seed": 7 + i}).choices[0].message.content for i in range(2)]
+    assert [c.message.content for c in r.choices] == singles
+    assert r.usage.completion_tokens == sum(
+        client.chat.completions.create(**{**kw, "seed": 7 + i}).usage.completion_tokens for i in range(2)
+    )
+    streamed = ["", ""]
+    for chunk in client.chat.completions.create(**kw, n=2, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+    assert streamed == singles
+    c = client.completions.create(model=MODEL, prompt=["Red, green,", "One, two,"], max_tokens=6, temperature=0, n=2)
+    assert [x.index for x in c.choices] == [0, 1, 2, 3]
+    alone = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0).choices[0].text
+        for p in ("Red, green,", "One, two,")
+    ]
+    assert [x.text for x in c.choices] == [alone[0], alone[0], alone[1], alone[1]]
+
+
 def test_ollama_client(server):
     import ollama
 
@@ -326,7 +356,8 @@ BAD = [
         {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9},
         400,
     ),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 17}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": ["x"] * 8, "n": 9}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "word " * 3000}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": [10**9]}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400),

@@ -7,6 +7,7 @@ curl localhost:8000/v1/chat/completions -d '{"model": "gemma3-270m", "messages":
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -43,6 +44,8 @@ from .responses import (
     collect,
     ends_with_error,
     first_item,
+    gather_all,
+    merge,
     ndjson_error,
     sse_error,
     sse_event,
@@ -210,13 +213,22 @@ def create_app(state: ServerState) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": state.name, "object": "model", "created": 0, "owned_by": "aheadlm"}]}
 
+    def choice_params(params: SamplingParams, i: int) -> SamplingParams:
+        """Choice i of a request with `n` > 1 samples with seed + i, so that seeded choices differ
+        from each other and each is reproducible (greedy choices are all the same)."""
+        if i == 0 or params.seed is None:
+            return params
+        seed = params.seed + i
+        return dataclasses.replace(params, seed=seed - 2**64 if seed >= 2**64 else seed)  # torch takes < 2**64
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         check_model(body.model)
         ids, extra = chat_ids(body.messages)
         params = sampling(body.temperature, body.top_p, body.top_k, body.min_p, body.seed, body.repetition_penalty)
         n = budget(body.max_completion_tokens or body.max_tokens, len(ids))
-        stream = run(http, ids, params, n, stops_of(body.stop) + extra, body.logprob_count())
+        stops = stops_of(body.stop) + extra
+        streams = [run(http, ids, choice_params(params, i), n, stops, body.logprob_count()) for i in range(body.n)]
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": cid, "created": created, "model": state.name}
 
@@ -224,28 +236,44 @@ def create_app(state: ServerState) -> FastAPI:
             return None if lps is None else {"content": chat_logprobs(tok, lps), "refusal": None}
 
         if not body.stream:
-            text, finish, req, lps = await collect(stream)
-            msg = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": msg, "logprobs": logprobs(lps), "finish_reason": finish}
-            return {**base, "object": "chat.completion", "choices": [choice], "usage": usage(req) if req else None}
+            results = await gather_all(streams)
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs(lps),
+                    "finish_reason": finish,
+                }
+                for i, (text, finish, _, lps) in enumerate(results)
+            ]
+            reqs = [r for _, _, r, _ in results if r is not None]
+            return {**base, "object": "chat.completion", "choices": choices, "usage": usage(*reqs) if reqs else None}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        first = await first_item(stream)
+        merged = merge(streams)
+        first = await first_item(merged)
 
         async def events():
             extra_usage = {"usage": None} if include_usage else {}
-            head = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-            yield sse_event({**base, "object": "chat.completion.chunk", "choices": [head], **extra_usage})
-            req = None
-            async for delta, finish, r, lps in chain(first, stream):
-                req = r
+
+            def chunk(c: dict) -> str:
+                return sse_event({**base, "object": "chat.completion.chunk", "choices": [c], **extra_usage})
+
+            for i in range(body.n):
+                yield chunk(
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                )
+            reqs = {}
+            async for i, (delta, finish, r, lps) in chain(first, merged):
+                reqs[i] = r
                 if delta or lps:  # tokens whose text is held back still report their logprobs
-                    c = {"index": 0, "delta": {"content": delta}, "logprobs": logprobs(lps), "finish_reason": None}
-                    yield sse_event({**base, "object": "chat.completion.chunk", "choices": [c], **extra_usage})
+                    yield chunk(
+                        {"index": i, "delta": {"content": delta}, "logprobs": logprobs(lps), "finish_reason": None}
+                    )
                 if finish:
-                    c = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}
-                    yield sse_event({**base, "object": "chat.completion.chunk", "choices": [c], **extra_usage})
-            if include_usage and req is not None:
-                yield sse_event({**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(req)})
+                    yield chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": finish})
+            if include_usage and reqs:
+                usage_body = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage(*reqs.values())}
+                yield sse_event(usage_body)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(ends_with_error(events(), sse_error), media_type="text/event-stream")
@@ -271,9 +299,18 @@ def create_app(state: ServerState) -> FastAPI:
         scoring = body.max_tokens == 0  # echo only: the engine decodes one token, which is dropped
         scored = body.logprobs if body.echo else None
         stops = stops_of(body.stop)
+        jobs = [(ids, i) for ids in prompts for i in range(body.n)]  # OpenAI's order of choices
         streams = [
-            run(http, ids, params, budget(1 if scoring else body.max_tokens, len(ids)), stops, body.logprobs, scored)
-            for ids in prompts
+            run(
+                http,
+                ids,
+                choice_params(params, i),
+                budget(1 if scoring else body.max_tokens, len(ids)),
+                stops,
+                body.logprobs,
+                scored,
+            )
+            for ids, i in jobs
         ]
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": cid, "object": "text_completion", "created": created, "model": state.name}
@@ -282,19 +319,12 @@ def create_app(state: ServerState) -> FastAPI:
             """The prompt's text and, with logprobs, its legacy logprobs object."""
             if scoring:
                 req.completion_tokens = 0
-            text = tok.decode(ids)
-            return text, None if scored is None else prompt_logprobs(tok, ids, req.prompt_scored)
+            return tok.decode(ids), None if scored is None else prompt_logprobs(tok, ids, req.prompt_scored)
 
         if not body.stream:
-            tasks = [asyncio.ensure_future(collect(st)) for st in streams]
-            try:
-                results = await asyncio.gather(*tasks)
-            except BaseException:
-                for t in tasks:  # their requests leave the scheduler as their streams close
-                    t.cancel()
-                raise
+            results = await gather_all(streams)
             choices = []
-            for i, (ids, (text, finish, req, lps)) in enumerate(zip(prompts, results, strict=True)):
+            for k, ((ids, _), (text, finish, req, lps)) in enumerate(zip(jobs, results, strict=True)):
                 if scoring:
                     text, finish, lps = "", "length", None if lps is None else []
                 lp = None if lps is None else completion_logprobs(tok, lps, 0)
@@ -302,35 +332,38 @@ def create_app(state: ServerState) -> FastAPI:
                     head, head_lp = echoed(ids, req)
                     lp = None if lp is None else joined(head_lp, completion_logprobs(tok, lps, len(head)))
                     text = head + text
-                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
+                choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": finish})
             reqs = [r for _, _, r, _ in results if r is not None]
             return {**base, "choices": choices, "usage": usage(*reqs) if reqs else None}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = streams[0]
-        first = await first_item(stream)
+        merged = merge(streams)
+        first = await first_item(merged)
 
         async def events():
             extra_usage = {"usage": None} if include_usage else {}
-            req, offset = None if first is None else first[2], 0
-            if body.echo and req is not None:
-                head, head_lp = echoed(prompts[0], req)
-                c = {"index": 0, "text": head, "logprobs": head_lp, "finish_reason": None}
-                yield sse_event({**base, "choices": [c], **extra_usage})
-                offset = len(head)
-            if scoring:
-                await stream.aclose()  # frees the row: nothing is generated
-                c = {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
-                yield sse_event({**base, "choices": [c], **extra_usage})
-            else:
-                async for delta, finish, r, lps in chain(first, stream):
-                    req = r
-                    if delta or finish or lps:
-                        lp = None if lps is None else completion_logprobs(tok, lps, offset)
-                        offset += sum(len(t) for t in lp["tokens"]) if lp else len(delta)
-                        c = {"index": 0, "text": delta, "logprobs": lp, "finish_reason": finish}
-                        yield sse_event({**base, "choices": [c], **extra_usage})
-            if include_usage and req is not None:
-                yield sse_event({**base, "choices": [], "usage": usage(req)})
+
+            def chunk(k: int, text: str, lp: dict | None, finish: str | None) -> str:
+                c = {"index": k, "text": text, "logprobs": lp, "finish_reason": finish}
+                return sse_event({**base, "choices": [c], **extra_usage})
+
+            reqs, offsets = {}, {}
+            async for k, (delta, finish, r, lps) in chain(first, merged):
+                if k not in reqs:  # this choice's first item: its request has scored the prompt
+                    reqs[k], offsets[k] = r, 0
+                    if body.echo:
+                        head, head_lp = echoed(jobs[k][0], r)
+                        yield chunk(k, head, head_lp, None)
+                        offsets[k] = len(head)
+                    if scoring:
+                        yield chunk(k, "", None, "length")
+                if scoring:
+                    continue  # its one decoded token is dropped
+                if delta or finish or lps:
+                    lp = None if lps is None else completion_logprobs(tok, lps, offsets[k])
+                    offsets[k] += sum(len(t) for t in lp["tokens"]) if lp else len(delta)
+                    yield chunk(k, delta, lp, finish)
+            if include_usage and reqs:
+                yield sse_event({**base, "choices": [], "usage": usage(*reqs.values())})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(ends_with_error(events(), sse_error), media_type="text/event-stream")

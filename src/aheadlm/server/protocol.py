@@ -41,6 +41,12 @@ class _Base(BaseModel):
         raise ValueError("stop must be a string or a list of at most 16 strings")
 
 
+MAX_CHOICES = 16
+"""Choices (`n`) one request may ask for; each decodes as a request of its own."""
+MAX_PROMPTS = 64
+"""Prompts times choices one /v1/completions request may ask for."""
+
+
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
@@ -75,7 +81,7 @@ class SamplingFields(_Base):
     stop: Stop = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt = Field(default=1, ge=1, le=1)
+    n: StrictInt = Field(default=1, ge=1, le=MAX_CHOICES)
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     repetition_penalty: Number | None = Field(default=None, gt=0, le=10)
     """vLLM's extra field (llama.cpp style); the engine implements it."""
@@ -132,10 +138,6 @@ class ChatCompletionRequest(_TopLogprobs, SamplingFields):
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
 
 
-MAX_PROMPTS = 64
-"""Prompts one /v1/completions request may batch (each becomes a request of its own)."""
-
-
 class CompletionRequest(SamplingFields):
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -149,17 +151,16 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
-        if isinstance(v, list):
-            if not v or any(isinstance(x, list) and not x for x in v):
-                raise ValueError("prompt must not be empty")
-            if all(isinstance(x, str | list) for x in v) and len(v) > MAX_PROMPTS:
-                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        if isinstance(v, list) and (not v or any(isinstance(x, list) and not x for x in v)):
+            raise ValueError("prompt must not be empty")
         return v
 
     @model_validator(mode="after")
-    def _zero_tokens_need_echo(self):
+    def _limits(self):
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens 0 needs echo (it scores the prompt and generates nothing)")
+        if len(self.prompts()) * self.n > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts times n per request")
         return self
 
     def prompts(self) -> list[str | list[int]]:

@@ -98,3 +98,45 @@ async def chain(first, stream: AsyncIterator):
         yield first
     async for item in stream:
         yield item
+
+
+async def gather_all(streams: list[AsyncIterator]) -> list[tuple]:
+    """`collect` every stream at once (their requests decode together); if one fails, the others
+    are cancelled, and their requests leave the scheduler as their streams close."""
+    tasks = [asyncio.ensure_future(collect(s)) for s in streams]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
+async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, tuple]]:
+    """The items of several streams as they arrive, each with its stream's index. An error in one
+    ends the merged stream (as it would a single one); closing it cancels them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            await queue.put((i, None, e))
+            return
+        await queue.put((i, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        live = len(tasks)
+        while live:
+            i, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is None:
+                live -= 1
+                continue
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
