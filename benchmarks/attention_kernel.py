@@ -6,6 +6,8 @@ Median of 7 batches of 20 calls per case (ms): decode steps (1 query token), ver
 4 drafts (5 tokens) and a 64-token prefill chunk, over a cache of S slots (Gemma 3's sliding
 layers: a ring of 768 slots, 512 visible). To compare two versions, run this file with each on
 PYTHONPATH, alternating (two builds of the extension cannot share a process).
+`--kv-dtypes float32 bfloat16` times each case over both cache types, alternating (keys get a
+`_float32` / `_bfloat16` suffix).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ CASES = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--kv-dtypes", nargs="+", default=None, choices=["float32", "bfloat16"])
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    kinds = a.kv_dtypes or [None]
     kernels = cpu_kernels()
     if kernels is None:
         raise SystemExit("this machine has no compiled CPU kernels")
@@ -47,14 +51,17 @@ def main() -> None:
         k, v = torch.randn(1, hkv, s, d, generator=g), torch.randn(1, hkv, s, d, generator=g)
         kpos = torch.arange(s)[None] + (1000 if window else 0)  # a ring that has wrapped
         qpos = kpos[:, -t:].clone()
-        times = []
-        for _ in range(7):
-            kernels.attention(q, k, v, kpos, qpos, 0.06, window, False)
-            start = time.perf_counter()
-            for _ in range(20):
-                kernels.attention(q, k, v, kpos, qpos, 0.06, window, False)
-            times.append((time.perf_counter() - start) / 20 * 1e3)
-        result[f"{name}_ms"] = statistics.median(times)
+        times = {kind: [] for kind in kinds}
+        for i in range(7):
+            for kind in kinds if i % 2 == 0 else kinds[::-1]:
+                kk, vv = (k, v) if kind is None else (k.to(getattr(torch, kind)), v.to(getattr(torch, kind)))
+                kernels.attention(q, kk, vv, kpos, qpos, 0.06, window, False)
+                start = time.perf_counter()
+                for _ in range(20):
+                    kernels.attention(q, kk, vv, kpos, qpos, 0.06, window, False)
+                times[kind].append((time.perf_counter() - start) / 20 * 1e3)
+        for kind in kinds:
+            result[f"{name}_ms" + ("" if kind is None else f"_{kind}")] = statistics.median(times[kind])
     report(result, a.json, digits=4)
 
 

@@ -282,6 +282,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     n_ctx: int | None = None,
+    kv_dtype: str | torch.dtype | None = None,
 ) -> LLM:
     """Load a model by registered name (`gemma3-270m`, `smollm2-135m`), GGUF path or HF folder.
 
@@ -292,7 +293,8 @@ def load(
     measured default uses it and no drafter is named); `threshold` makes a model drafter draft only
     while its confidence is at least this (None: an MTP drafter's own `draft_threshold`, chosen
     when it was trained; 0 behind lookup and for draft models); `fallback_k` caps the drafts of X
-    in "ngram+X" when lookup finds nothing (None: k)."""
+    in "ngram+X" when lookup finds nothing (None: k). `kv_dtype` is what the KV cache stores (None:
+    the model's dtype; "bfloat16" halves its memory and what attention reads at long contexts)."""
     if not isinstance(model, str | os.PathLike):
         raise InvalidRequestError(f"model must be a name or a path, got {type(model).__name__}")
     if not str(model).strip():  # Path("") is the current folder: "./config.json missing" would mislead
@@ -312,6 +314,7 @@ def load(
         raise InvalidRequestError(f"threshold must be in 0..1, got {threshold!r}")
     if adaptive is not None and not isinstance(adaptive, bool):
         raise InvalidRequestError(f"adaptive must be True, False or None, got {adaptive!r}")
+    kv = None if kv_dtype is None else resolve_dtype(kv_dtype)  # refused before the model loads
     path = resolve(model)
     device = resolve_device(device)
     net, tokenizer = load_model(path, resolve_dtype(dtype), device)
@@ -329,6 +332,6 @@ def load(
     )
     if adaptive is None:
         adaptive = drafter is None and reg is not None and reg.default_adaptive
-    engine = Engine(net, proposer=proposer, spec=SpecConfig(draft_tokens, adaptive), n_ctx=n_ctx)
+    engine = Engine(net, proposer=proposer, spec=SpecConfig(draft_tokens, adaptive), n_ctx=n_ctx, kv_dtype=kv)
     name = str(model) if str(model) in REGISTRY else path.name
     return LLM(engine, tokenizer, name)

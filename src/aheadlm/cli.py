@@ -21,6 +21,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default) or bfloat16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--n-ctx", type=int, default=None, help="context size (default: the model's)")
+    p.add_argument(
+        "--kv-dtype", default=None, help="KV cache: float32 or bfloat16 (half the memory and reads; default: --dtype)"
+    )
 
 
 def _add_draft_args(p: argparse.ArgumentParser) -> None:
@@ -92,6 +95,7 @@ def _load(a: argparse.Namespace):
         dtype=a.dtype,
         device=a.device,
         n_ctx=a.n_ctx,
+        kv_dtype=a.kv_dtype,
     )
 
 
@@ -261,7 +265,7 @@ def cmd_perplexity(a: argparse.Namespace) -> int:
     except UnicodeDecodeError as e:
         raise InvalidRequestError(f"{a.file} is not UTF-8 text ({e.reason})") from None
     resolve_dtype(a.dtype)  # a bad --dtype fails before the model loads
-    llm = load(a.model, drafter="none", dtype=a.dtype, device=a.device, n_ctx=a.n_ctx)
+    llm = load(a.model, drafter="none", dtype=a.dtype, device=a.device, n_ctx=a.n_ctx, kv_dtype=a.kv_dtype)
     tok = llm.tokenizer
     tokens = tok.encode(text)
     bos = tok.bos_id if tok.add_bos else None

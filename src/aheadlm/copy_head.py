@@ -139,9 +139,10 @@ class CopyHead(nn.Module):
         for i, key in enumerate(self.sources):
             k = ctx.kv[key][0]
             cos, sin = ctx.rope[key]
-            qr.append(apply_rope(qs[:, :, i].transpose(1, 2).to(k.dtype).contiguous(), cos, sin).view(B, 2, n, T, d))
+            dtype = torch.promote_types(qs.dtype, k.dtype)  # float32 queries over a bfloat16 cache
+            qr.append(apply_rope(qs[:, :, i].transpose(1, 2).to(dtype).contiguous(), cos, sin).view(B, 2, n, T, d))
         kernels = cpu_kernels() if top is not None and B * T == 1 and fused.takes(u) else None
-        if kernels is not None and fused.float32_kv(ctx):  # a draft round's one row: one compiled call
+        if kernels is not None and fused.compiled_round_kv(ctx):  # a draft round's one row: one compiled call
             match = self.match.detach() if self.match is not None else torch.zeros(0)
             keys = [ctx.kv[key][0] for key in self.sources]
             q1 = torch.stack([q[0, :, :, 0] for q in qr])  # [sources, 2, n, d]
@@ -149,7 +150,7 @@ class CopyHead(nn.Module):
             return src.view(1, 1, -1), w.view(1, 1, -1)
         s = 0.0
         for key, q in zip(self.sources, qr, strict=True):
-            s = s + torch.einsum("bontd,bnsd->btos", q, ctx.kv[key][0])  # [B, T, 2, S]
+            s = s + torch.einsum("bontd,bnsd->btos", q, ctx.kv[key][0].to(q.dtype))  # [B, T, 2, S]
         s = (s * scale).reshape(B, T, -1).float()
         kpos, qpos = view.kpos[:, None, None], view.qpos[:, :, None, None]  # [B, 1, 1, S], [B, T, 1, 1]
         src = torch.stack([kpos, kpos + 1], dim=2)[:, :, :, 0]  # [B, 1, 2, S] the position each head copies

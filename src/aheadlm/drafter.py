@@ -224,7 +224,7 @@ class DraftLayer(nn.Module):
         cos, sin = ctx.rope[self.layer_type]
         q = apply_rope(q, cos, sin)
         k, v, view = ctx.kv[self.layer_type]
-        a = attend(q.to(k.dtype), k, v, view, self.scale).to(x.dtype)
+        a = attend(q.to(torch.promote_types(q.dtype, k.dtype)), k, v, view, self.scale).to(x.dtype)
         a = self.o(a.transpose(1, 2).reshape(B, T, -1))
         x = x + (a if self.post_attn_norm is None else self.post_attn_norm(a))
         y = self.mlp_norm(x)
@@ -317,7 +317,7 @@ class MTPDrafter(nn.Module):
         """One draft step for every query row: emb, hidden [B, T, H_target] (scaled target
         embeddings of the input tokens, incoming hidden states) -> (head input, next hidden)."""
         x = self.pre_projection(torch.cat([emb, hidden], dim=-1))
-        compiled = fused.takes(x) and fused.float32_kv(ctx)
+        compiled = fused.takes(x) and fused.compiled_round_kv(ctx)
         for layer in self.layers:
             if compiled and layer.compiled is not None:
                 k, v, view = ctx.kv[layer.layer_type]

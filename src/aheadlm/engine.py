@@ -34,6 +34,7 @@ class Engine:
         spec: SpecConfig | None = None,
         n_ctx: int | None = None,
         max_step: int = DEFAULT_MAX_STEP,
+        kv_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.proposer = proposer
@@ -43,6 +44,11 @@ class Engine:
         self.max_step = max_step
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if kv_dtype not in (None, torch.float32, torch.bfloat16):
+            raise InvalidRequestError(f"the KV cache holds float32 or bfloat16, not {kv_dtype}")
+        self.kv_dtype = kv_dtype or self.dtype
+        """What the KV cache stores: bfloat16 halves its memory and what attention reads per step
+        at long contexts; plain and speculative decoding stay identical (both read the same cache)."""
 
     @property
     def exact_prefill(self) -> bool:
@@ -71,7 +77,7 @@ class Engine:
         return KVCache(
             self.config,
             min(self.n_ctx, tokens_needed),
-            dtype=self.dtype,
+            dtype=self.kv_dtype,
             device=self.device,
             max_step=self.max_step,
         )

@@ -27,9 +27,15 @@ def takes(x: torch.Tensor) -> bool:
     return few_cpu_rows and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
-def float32_kv(ctx) -> bool:
-    """Whether a draft round's target K/V (`drafter.RoundContext`) are float32, as compiled layers need."""
-    return all(k.dtype == torch.float32 for k, _, _ in ctx.kv.values())
+def compiled_kv(k: torch.Tensor) -> bool:
+    """Whether compiled layers read a cache of this K (or V) tensor: float32, or bfloat16."""
+    return k.dtype in (torch.float32, torch.bfloat16)
+
+
+def compiled_round_kv(ctx) -> bool:
+    """Whether a draft round's target K/V (`drafter.RoundContext`) are ones compiled layers read
+    (float32, or a bfloat16 cache under a float32 model)."""
+    return all(compiled_kv(k) for k, _, _ in ctx.kv.values())
 
 
 def run(layer, x: torch.Tensor, rope, k: torch.Tensor, v: torch.Tensor, view) -> torch.Tensor:

@@ -150,6 +150,7 @@ class KVCache:
     def write(self, layer: int, view: AttnView, k: torch.Tensor, v: torch.Tensor):
         """Store new `k`, `v` [B, kv_heads, T, head_dim] and return the readable K/V slices."""
         ck, cv = self.k[layer], self.v[layer]
+        k, v = k.to(ck.dtype), v.to(cv.dtype)  # a bfloat16 cache rounds them as the kernels do
         B, _, T, _ = k.shape
         if B == 1 and view.slots.shape[1] == T:
             s = view.slots[0]

@@ -68,6 +68,8 @@ def attend(q, k, v, view: AttnView, scale: float) -> torch.Tensor:
     kernels = cpu_kernels() if fast else None
     if kernels is not None:
         return kernels.attention(q, k, v, view.kpos, view.qpos, scale, view.window or 0, view.strict)
+    if k.dtype != q.dtype:  # a bfloat16 cache under float32 queries
+        k, v = k.to(q.dtype), v.to(q.dtype)
     Hkv = k.shape[1]
     g = Hq // Hkv
     mask = view.mask
@@ -312,7 +314,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)
         per_layer = self.per_layer_inputs(tokens, x) if self.config.per_layer_dim else None
         ropes = {t: rope_tables(getattr(self, f"inv_freq_{t}"), positions, x.dtype) for t in views}
-        compiled = fused.takes(x) and cache.k[0].dtype == torch.float32
+        compiled = fused.takes(x) and fused.compiled_kv(cache.k[0])
         for i, block in enumerate(self.layers):
             t = self.config.layer_types[i]
             view = views[t]

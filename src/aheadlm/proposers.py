@@ -152,7 +152,7 @@ class MTPProposer(Proposer):
         ctx = d.round_context(target, state.cache, pos)
         tok = state.tokens[-1]
         h = state.hidden[None].to(d.dtype)
-        compiled = self.compiled_step(target) if fused.takes(h[:, None]) and fused.float32_kv(ctx) else None
+        compiled = self.compiled_step(target) if fused.takes(h[:, None]) and fused.compiled_round_kv(ctx) else None
         layers = fused.draft_round(d, ctx) if compiled is not None else None
         known = torch.tensor([state.tokens]) if d.copy is not None else None
         tokens, qs, confs = [], [], []

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "gemm.h"
@@ -136,26 +137,50 @@ inline void vstore_upto(float* p, vec v, int64_t n) {
     vstore_n(p, v, n);
 }
 
-// Scores of query row q against the kWidth keys at k[i] (D floats each): one multiply-add chain
+// K/V rows as floats, from float or bfloat16 storage (a bfloat16 widens exactly: its bits are
+// the float's upper half).
+inline vec load_kv(const float* p) { return vload(p); }
+inline vec load_kv_n(const float* p, int64_t n) { return vload_n(p, n); }
+inline vec load_kv(const bf16_t* p) {
+#if defined(__AVX512F__)
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+#else
+  const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+#endif
+}
+inline vec load_kv_n(const bf16_t* p, int64_t n) {
+  bf16_t t[kWidth] = {};
+  std::copy(p, p + n, t);
+  return load_kv(t);
+}
+template <class KV>
+inline vec load_kv_upto(const KV* p, int64_t n) {
+  return n >= kWidth ? load_kv(p) : load_kv_n(p, n);
+}
+
+// Scores of query row q against the kWidth keys at k[i] (D values each): one multiply-add chain
 // per key over D (eight keys at a time, enough chains to keep the multiply-add units busy), then
 // the lane sums.
-inline vec block_scores(const float* q, const float* const* k, int64_t D) {
+template <class KV>
+inline vec block_scores(const float* q, const KV* const* k, int64_t D) {
   vec u[kWidth / 4];
   for (int j = 0; j < kWidth / 8; ++j) {
     vec acc[8];
 #pragma GCC unroll 8
     for (int i = 0; i < 8; ++i) acc[i] = vzero();
-    const float* const* kj = k + 8 * j;
+    const KV* const* kj = k + 8 * j;
     int64_t d = 0;
     for (; d + kWidth <= D; d += kWidth) {
       const vec qd = vload(q + d);
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) acc[i] = vfmadd(qd, vload(kj[i] + d), acc[i]);
+      for (int i = 0; i < 8; ++i) acc[i] = vfmadd(qd, load_kv(kj[i] + d), acc[i]);
     }
     if (d < D) {
       const vec qd = vload_n(q + d, D - d);
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) acc[i] = vfmadd(qd, vload_n(kj[i] + d, D - d), acc[i]);
+      for (int i = 0; i < 8; ++i) acc[i] = vfmadd(qd, load_kv_n(kj[i] + d, D - d), acc[i]);
     }
     u[2 * j] = quad_sums(acc);
     u[2 * j + 1] = quad_sums(acc + 4);
@@ -172,8 +197,8 @@ constexpr int64_t kSlab = 256;                     // slots whose values stay in
 // out[r] += sum_{s in [s0, s1)} w[r * Sp + s] * v[s] for N rows over columns [d0, d0 + nd) (out[r]
 // = the sum when `first`), the accumulators in registers (FULL: nd == kChunk). Slots are added in
 // order and a zero weight adds nothing, so a row's sums depend on neither the slabs nor the rows.
-template <int N, bool FULL>
-inline void weighted_chunk(const float* w, int64_t s0, int64_t s1, int64_t Sp, float* const* out, const float* vb,
+template <int N, bool FULL, class KV>
+inline void weighted_chunk(const float* w, int64_t s0, int64_t s1, int64_t Sp, float* const* out, const KV* vb,
                            int64_t vs, int64_t d0, int64_t nd, bool first) {
   const int nv = FULL ? kV : static_cast<int>((nd + kWidth - 1) / kWidth);
   auto n_at = [&](int j) { return FULL ? kWidth : nd - j * kWidth; };
@@ -183,10 +208,11 @@ inline void weighted_chunk(const float* w, int64_t s0, int64_t s1, int64_t Sp, f
 #pragma GCC unroll 4
     for (int j = 0; j < kV; ++j) acc[r][j] = first || j >= nv ? vzero() : vload_upto(out[r] + d0 + j * kWidth, n_at(j));
   for (int64_t s = s0; s < s1; ++s) {
-    const float* vr = vb + s * vs + d0;
+    const KV* vr = vb + s * vs + d0;
     vec v[kV];
 #pragma GCC unroll 4
-    for (int j = 0; j < kV; ++j) v[j] = FULL ? vload(vr + j * kWidth) : j < nv ? vload_upto(vr + j * kWidth, n_at(j)) : vzero();
+    for (int j = 0; j < kV; ++j)
+      v[j] = FULL ? load_kv(vr + j * kWidth) : j < nv ? load_kv_upto(vr + j * kWidth, n_at(j)) : vzero();
 #pragma GCC unroll 8
     for (int r = 0; r < N; ++r) {
       const vec ev = vbroadcast(w + r * Sp + s);
@@ -199,8 +225,8 @@ inline void weighted_chunk(const float* w, int64_t s0, int64_t s1, int64_t Sp, f
     for (int j = 0; j < nv; ++j) vstore_upto(out[r] + d0 + j * kWidth, acc[r][j], n_at(j));
 }
 
-template <int N>
-inline void weighted_values(const float* w, int64_t s0, int64_t s1, int64_t Sp, float* const* out, const float* vb,
+template <int N, class KV>
+inline void weighted_values(const float* w, int64_t s0, int64_t s1, int64_t Sp, float* const* out, const KV* vb,
                             int64_t vs, int64_t D, bool first) {
   for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
     if (D - d0 >= kChunk)
@@ -210,8 +236,9 @@ inline void weighted_values(const float* w, int64_t s0, int64_t s1, int64_t Sp, 
   }
 }
 
+template <class KV>
 inline void weighted_values_n(int n, const float* w, int64_t s0, int64_t s1, int64_t Sp, float* const* out,
-                              const float* vb, int64_t vs, int64_t D, bool first) {
+                              const KV* vb, int64_t vs, int64_t D, bool first) {
   switch (n) {
     case 1: return weighted_values<1>(w, s0, s1, Sp, out, vb, vs, D, first);
     case 2: return weighted_values<2>(w, s0, s1, Sp, out, vb, vs, D, first);
@@ -230,11 +257,16 @@ inline void weighted_values_n(int n, const float* w, int64_t s0, int64_t s1, int
 // -1 to Sp, a multiple of kWidth). A key is visible to a row when 0 <= kp <= pos (kp < pos if
 // `strict`) and, with a window, pos - kp < window. out[r] gets the softmax-weighted values, or
 // zeros when no key is visible. w holds n * Sp floats; zeros, D zeros (the keys past S).
-inline void attend_tile(int n, const float* const* q, const int64_t* pos, float* const* out, const float* kb,
-                        int64_t ks, const float* vb, int64_t vs, const int32_t* kp, int64_t S, int64_t Sp, int64_t D,
-                        int64_t window, bool strict, float sc, float* w, const float* zeros) {
+template <class KV>
+inline void attend_tile(int n, const float* const* q, const int64_t* pos, float* const* out, const KV* kb,
+                        int64_t ks, const KV* vb, int64_t vs, const int32_t* kp, int64_t S, int64_t Sp, int64_t D,
+                        int64_t window, bool strict, float sc, float* w, const KV* zeros, float* kw) {
   // Scores, -inf where hidden: each block of keys is read once for the tile, and not at all when
-  // no row of the tile sees it.
+  // no row of the tile sees it. bfloat16 keys are widened once per block into kw (kWidth * D
+  // floats) when many rows share them (verification, prefill), rather than once per row; widening
+  // is exact, so the scores are the same bits either way.
+  constexpr bool narrow = !std::is_same_v<KV, float>;
+  constexpr int widen_above = 4;  // a decode step's rows (one KV head's query heads) convert as they read
   const vec scale = vbroadcast(&sc);
   int64_t lo = Sp, hi = 0;  // the blocks of slots some row of the tile sees; the rest weigh 0
   for (int64_t s0 = 0; s0 < Sp; s0 += kWidth) {
@@ -242,8 +274,18 @@ inline void attend_tile(int n, const float* const* q, const int64_t* pos, float*
     bool seen = false;
     for (int r = 0; r < n; ++r) seen |= mask_any(m[r] = visible(kp + s0, pos[r], window, strict));
     if (seen) lo = std::min(lo, s0), hi = s0 + kWidth;
-    const float* k[kWidth];
+    const KV* k[kWidth];
     for (int i = 0; i < kWidth; ++i) k[i] = s0 + i < S ? kb + (s0 + i) * ks : zeros;
+    if (narrow && n > widen_above && seen) {
+      const float* kf[kWidth];
+      for (int i = 0; i < kWidth; ++i) {
+        float* row = kw + i * D;
+        for (int64_t d = 0; d < D; d += kWidth) vstore_upto(row + d, load_kv_upto(k[i] + d, D - d), D - d);
+        kf[i] = row;
+      }
+      for (int r = 0; r < n; ++r) vstore(w + r * Sp + s0, select_or(m[r], vmul(block_scores(q[r], kf, D), scale), -INFINITY));
+      continue;
+    }
     for (int r = 0; r < n; ++r) {
       const vec v = seen ? vmul(block_scores(q[r], k, D), scale) : vzero();
       vstore(w + r * Sp + s0, select_or(m[r], v, -INFINITY));
@@ -291,11 +333,12 @@ inline void attend_tile(int n, const float* const* q, const int64_t* pos, float*
 // Every query row of q (row i: batch b(i), head h(i), position qpos) over its KV head's slots
 // [0, S): q row (b, h, t) at q + ((b * H + h) * T + t) * D, its output at out + b * ob + h * oh + t * ot.
 // Heads h and h' share KV head h / group. Keys/values of batch row b, KV head j start at
-// kb + b * ks0 + j * ks1 (row stride ks2; the same for v), slot positions at kpos + b * kps0.
+// kb + b * ks0 + j * ks1 (row stride ks2, in elements; the same for v), slot positions at
+// kpos + b * kps0. K and V hold floats, or bfloat16 values with `kv_bf16`.
 struct AttnProblem {
   const float* q;
   int64_t B, H, T, D, group;
-  const float *k, *v;
+  const void *k, *v;
   int64_t ks0, ks1, ks2, vs0, vs1, vs2;
   const int64_t* kpos;
   int64_t kps0;
@@ -305,9 +348,11 @@ struct AttnProblem {
   float scale;
   float* out;
   int64_t ob, oh, ot;
+  bool kv_bf16 = false;
 };
 
-inline void attend(const AttnProblem& p) {
+template <class KV>
+inline void attend_kv(const AttnProblem& p) {
   // Rows sharing a KV head go through its keys and values together, up to kTile at a time, in
   // a tile per thread at least (the multiply-adds, not the reads, bound the time).
   const int64_t Hkv = p.H / p.group, per_head = p.group * p.T, heads = p.B * Hkv;
@@ -320,7 +365,8 @@ inline void attend(const AttnProblem& p) {
   at::parallel_for(0, heads * tiles, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> w(tile * Sp);
     std::vector<int32_t> kp(Sp);
-    const std::vector<float> zeros(p.D);
+    const std::vector<KV> zeros(p.D);  // all-zero bits: 0.0 in either type
+    std::vector<float> kw(std::is_same_v<KV, float> ? 0 : kWidth * p.D);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hkv * tiles), j = (i / tiles) % Hkv, r0 = (i % tiles) * tile;
       const int n = static_cast<int>(std::min(tile, per_head - r0));
@@ -335,10 +381,19 @@ inline void attend(const AttnProblem& p) {
       }
       const int64_t* kpos = p.kpos + b * p.kps0;
       for (int64_t s = 0; s < Sp; ++s) kp[s] = s < p.S ? static_cast<int32_t>(kpos[s]) : -1;
-      attend_tile(n, q, pos, out, p.k + b * p.ks0 + j * p.ks1, p.ks2, p.v + b * p.vs0 + j * p.vs1, p.vs2, kp.data(),
-                  p.S, Sp, p.D, p.window, p.strict, p.scale, w.data(), zeros.data());
+      const KV* kb = static_cast<const KV*>(p.k) + b * p.ks0 + j * p.ks1;
+      const KV* vb = static_cast<const KV*>(p.v) + b * p.vs0 + j * p.vs1;
+      attend_tile(n, q, pos, out, kb, p.ks2, vb, p.vs2, kp.data(), p.S, Sp, p.D, p.window, p.strict, p.scale, w.data(),
+                  zeros.data(), kw.data());
     }
   });
+}
+
+inline void attend(const AttnProblem& p) {
+  if (p.kv_bf16)
+    attend_kv<bf16_t>(p);
+  else
+    attend_kv<float>(p);
 }
 
 }  // namespace aheadlm

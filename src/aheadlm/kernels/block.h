@@ -170,7 +170,8 @@ class Block {
                         std::optional<torch::Tensor> slots, torch::Tensor kpos, torch::Tensor qpos, int64_t window,
                         int64_t end, bool strict) const {
     TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 3 && x.size(2) == hidden_, "Block: x");
-    TORCH_CHECK(kc.scalar_type() == torch::kFloat32 && vc.scalar_type() == torch::kFloat32 && kc.stride(3) == 1 &&
+    TORCH_CHECK((kc.scalar_type() == torch::kFloat32 || kc.scalar_type() == torch::kBFloat16) &&
+                    vc.scalar_type() == kc.scalar_type() && kc.stride(3) == 1 &&
                     vc.stride(3) == 1 && kc.size(3) == head_dim_ && end <= kc.size(2) &&
                     (query_only_ ? heads_ % kc.size(1) == 0 : kc.size(1) == kv_heads_),
                 "Block: cache layout");
@@ -193,11 +194,12 @@ class Block {
     const int64_t* qpp = qpos.data_ptr<int64_t>();
 
     // Attention: norm, projections, q/k norms and RoPE, cache write.
-    std::vector<float> h(M * H), qkv(M * W), q(M * nq), tmp(D);
+    std::vector<float> h(M * H), qkv(M * W), q(M * nq), tmp(D), krow(D);
     for (int64_t m = 0; m < M; ++m) rms_row(xp + m * H, attn_norm_.data_ptr<float>(), h.data() + m * H, H, eps_);
     qkv_.run(h.data(), M, qkv.data());
-    float* kcp = kc.data_ptr<float>();
-    float* vcp = vc.data_ptr<float>();
+    const bool bf16 = kc.scalar_type() == torch::kBFloat16;  // else float32 (checked in forward)
+    void* kcp = kc.data_ptr();
+    void* vcp = vc.data_ptr();
     const int64_t ks0 = kc.stride(0), ks1 = kc.stride(1), ks2 = kc.stride(2);
     const int64_t vs0 = vc.stride(0), vs1 = vc.stride(1), vs2 = vc.stride(2);
     for (int64_t b = 0; b < B; ++b)
@@ -215,15 +217,24 @@ class Block {
         for (int64_t hd = 0; hd < kv_heads_; ++hd) {
           const float* src = row + nq + hd * D;
           if (k_norm_) src = (rms_row(src, opt_ptr(k_norm_), tmp.data(), D, eps_), tmp.data());
-          rope_row(src, cp + m * D, sp + m * D, kcp + b * ks0 + hd * ks1 + slot * ks2, D);
-          std::copy(row + nq + nkv + hd * D, row + nq + nkv + (hd + 1) * D, vcp + b * vs0 + hd * vs1 + slot * vs2);
+          rope_row(src, cp + m * D, sp + m * D, krow.data(), D);
+          const float* vrow = row + nq + nkv + hd * D;
+          const int64_t ko = b * ks0 + hd * ks1 + slot * ks2, vo = b * vs0 + hd * vs1 + slot * vs2;
+          if (bf16) {
+            store_kv(krow.data(), static_cast<bf16_t*>(kcp) + ko, D);
+            store_kv(vrow, static_cast<bf16_t*>(vcp) + vo, D);
+          } else {
+            store_kv(krow.data(), static_cast<float*>(kcp) + ko, D);
+            store_kv(vrow, static_cast<float*>(vcp) + vo, D);
+          }
         }
       }
 
     // Attention over the cache, written as [B, T, heads * D] (the o projection's input).
     std::vector<float> a(M * nq);
     AttnProblem p{q.data(), B, heads_, T, D, heads_ / kc.size(1), kcp, vcp, ks0, ks1, ks2, vs0, vs1, vs2,
-                  kpos.data_ptr<int64_t>(), kpos.stride(0), qpp, end, window, strict, scale_, a.data(), T * nq, D, nq};
+                  kpos.data_ptr<int64_t>(), kpos.stride(0), qpp, end, window, strict, scale_, a.data(), T * nq, D, nq,
+                  bf16};
     attend(p);
     auto x1 = torch::empty({B, T, H}, x.options());
     float* x1p = x1.data_ptr<float>();

@@ -42,15 +42,25 @@ inline std::tuple<torch::Tensor, torch::Tensor> copy_aim(torch::Tensor q, std::v
   std::vector<float> score(2 * S, 0.f);
   for (size_t i = 0; i < keys.size(); ++i) {
     const torch::Tensor& k = keys[i];
-    TORCH_CHECK(k.scalar_type() == torch::kFloat32 && k.dim() == 4 && k.size(1) == n && k.size(2) >= S &&
+    const bool bf16 = k.scalar_type() == torch::kBFloat16;
+    TORCH_CHECK((bf16 || k.scalar_type() == torch::kFloat32) && k.dim() == 4 && k.size(1) == n && k.size(2) >= S &&
                     k.size(3) == D && k.stride(3) == 1,
                 "copy_aim: keys");
-    const float* kb = k.data_ptr<float>();
+    std::vector<float> wide(bf16 ? D : 0);  // a bfloat16 key row as floats
     for (int64_t o = 0; o < 2; ++o)
       for (int64_t j = 0; j < n; ++j) {
         const float* qr = qp + ((i * 2 + o) * n + j) * D;
-        const float* kh = kb + j * k.stride(1);
-        for (int64_t s = 0; s < S; ++s) score[o * S + s] += dot(qr, kh + s * k.stride(2), D);
+        for (int64_t s = 0; s < S; ++s) {
+          const int64_t at = j * k.stride(1) + s * k.stride(2);
+          const float* kr = wide.data();
+          if (bf16) {
+            const bf16_t* h = static_cast<const bf16_t*>(k.data_ptr()) + at;
+            for (int64_t d = 0; d < D; ++d) wide[d] = from_bf16(h[d]);
+          } else {
+            kr = static_cast<const float*>(k.data_ptr()) + at;
+          }
+          score[o * S + s] += dot(qr, kr, D);
+        }
       }
   }
   std::vector<char> ok(2 * S);

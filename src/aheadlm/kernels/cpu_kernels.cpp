@@ -26,18 +26,21 @@ namespace {
 // qpos [B, T]. Visibility as in `attend_tile`; rows that see no key are zero.
 torch::Tensor attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kpos, torch::Tensor qpos,
                         double scale, int64_t window, bool strict) {
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
-                  v.scalar_type() == torch::kFloat32, "attention: float32 only");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 &&
+                  (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16) &&
+                  v.scalar_type() == k.scalar_type(),
+              "attention: float32 queries over float32 or bfloat16 keys and values");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && kpos.stride(1) == 1, "attention: layout");
   q = q.contiguous();
   qpos = qpos.contiguous();
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3);
   auto out = torch::empty_like(q);
   const int64_t Hkv = k.size(1);
-  AttnProblem p{q.data_ptr<float>(), B, Hq, T, D, Hq / Hkv, k.data_ptr<float>(), v.data_ptr<float>(),
+  AttnProblem p{q.data_ptr<float>(), B, Hq, T, D, Hq / Hkv, k.data_ptr(), v.data_ptr(),
                 k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                 kpos.data_ptr<int64_t>(), kpos.stride(0), qpos.data_ptr<int64_t>(), k.size(2), window, strict,
-                static_cast<float>(scale), out.data_ptr<float>(), Hq * T * D, T * D, D};
+                static_cast<float>(scale), out.data_ptr<float>(), Hq * T * D, T * D, D,
+                k.scalar_type() == torch::kBFloat16};
   attend(p);
   return out;
 }

@@ -73,6 +73,7 @@ class BatchEngine:
         n_ctx: int = 4096,
         draft_max_batch: int = 3,
         fallback_k: int | None = None,
+        kv_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.fallback_k = fallback_k
@@ -91,12 +92,12 @@ class BatchEngine:
             model.config,
             self.n_ctx,
             batch_size=slots,
-            dtype=model.embed_dtype(),
+            dtype=kv_dtype or model.embed_dtype(),
             device=p.device,
             max_step=self.max_step,
         )
         self.rows: list[Request | None] = [None] * slots
-        self._prefill_engine = Engine(model, n_ctx=self.n_ctx, max_step=self.max_step)
+        self._prefill_engine = Engine(model, n_ctx=self.n_ctx, max_step=self.max_step, kv_dtype=self.cache.k[0].dtype)
         self.kept: list[list[int]] = [[] for _ in range(slots)]
         """Per free row, the tokens whose K/V it still holds (from its last request)."""
         self._freed = [0] * slots  # when each row was last freed, to reuse the stalest first

@@ -27,6 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--n-ctx", type=int, default=4096, help="context per request")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--kv-dtype", default=None, help="KV cache: float32 or bfloat16 (half the memory; default: --dtype)")
     p.add_argument("--device", default=None)
 
 
@@ -50,6 +51,7 @@ def build_state(a) -> ServerState:
         dtype=a.dtype,
         device=a.device,
         n_ctx=a.n_ctx,
+        kv_dtype=a.kv_dtype,
     )
     prop = llm.engine.proposer
     lookup = isinstance(prop, (NgramProposer, HybridProposer))
@@ -65,6 +67,7 @@ def build_state(a) -> ServerState:
         draft_max_batch=a.draft_max_batch,
         n_ctx=llm.engine.n_ctx,
         fallback_k=prop.fallback_k if isinstance(prop, HybridProposer) else None,
+        kv_dtype=llm.engine.kv_dtype,
     )
     from ..registry import resolve
 
