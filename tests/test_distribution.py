@@ -6,10 +6,12 @@ covers only its candidates, one whose copy head mixes a pointer over the context
 first drafter gated by a confidence threshold so that about half its rounds verify no draft, and
 a noisy oracle with point-mass q).
 The empirical distribution of the first three sampled tokens is compared with the exact one,
-computed from the target's processed probabilities. Per-token bounds are 4 standard errors; with
+computed from the target's processed probabilities (with penalties and a logit bias in one
+setting). Per-token bounds are 4 standard errors; with
 N = 40,000 (slow suite) that is at most 0.01 absolute, so a 1% bias fails.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -19,7 +21,7 @@ from aheadlm.drafter import DrafterConfig, MTPDrafter
 from aheadlm.engine import Engine
 from aheadlm.kv_cache import KVCache
 from aheadlm.proposers import Draft, MTPProposer, Proposer
-from aheadlm.sampling import SamplingParams, processed_probs
+from aheadlm.sampling import SamplingParams, penalize, processed_probs
 from aheadlm.speculative import SpecConfig
 from aheadlm.train.calibrate import record_rounds
 from aheadlm.verify import verify_sampled
@@ -31,6 +33,14 @@ PROMPT = [1, 2, 3]
 SETTINGS = {
     "t1.0": SamplingParams(temperature=1.0),
     "t0.7-topk-topp": SamplingParams(temperature=0.7, top_k=8, top_p=0.9),
+    # Logits that depend on the sequence so far: each verify row sees its own context.
+    "t1.0-penalties-bias": SamplingParams(
+        temperature=1.0,
+        repetition_penalty=1.3,
+        presence_penalty=0.8,
+        frequency_penalty=0.6,
+        logit_bias={0: 2.0, 5: -1.5},
+    ),
 }
 
 
@@ -48,7 +58,7 @@ def exact_joint(model, params) -> torch.Tensor:
     def dist(seq):
         with torch.no_grad():
             lg, _ = model(torch.tensor([seq]), torch.arange(len(seq))[None], KVCache(model.config, 16), num_logits=1)
-        return processed_probs(lg[0], params)[0]
+        return processed_probs(penalize(lg[0], params, seq, len(PROMPT)), params)[0]
 
     joint = torch.zeros(V, V, V, dtype=torch.float64)
     p1 = dist(PROMPT)
@@ -112,7 +122,7 @@ def gated(target, params) -> MTPProposer:
     proposer = drafters(target)["mtp"]
     seen = []
     for seed in range(50):
-        p = SamplingParams(params.temperature, params.top_k, params.top_p, seed=seed)
+        p = dataclasses.replace(params, seed=seed)
         seen += [
             c
             for confs, _ in record_rounds(target, proposer.drafter, [PROMPT], k=2, max_tokens=3, params=p)
@@ -127,7 +137,7 @@ def check(target, proposer, params, n):
     engine = Engine(target, proposer=proposer, spec=SpecConfig(num_draft=2))
     counts = torch.zeros(V, V, V, dtype=torch.float64)
     for seed in range(n):
-        p = SamplingParams(params.temperature, params.top_k, params.top_p, seed=seed)
+        p = dataclasses.replace(params, seed=seed)
         toks = [t for s in engine.generate(PROMPT, p, max_tokens=3) for t in s.token_ids]
         counts[tuple(toks)] += 1
     emp = counts / n
@@ -225,3 +235,13 @@ def test_top_p_filter_matches_a_full_sort(vocab, top_p):
     got = top_p_filter(probs, top_p)
     assert torch.equal(got > 0, want > 0)
     assert torch.equal(got[got > 0], probs[got > 0])
+
+
+def test_penalize_follows_openai_and_hf():
+    """Bias first; the repetition penalty over prompt and output (HF); presence and frequency over
+    the output only (OpenAI, vLLM)."""
+    logits = torch.tensor([[0.5, 1.0, -1.0, 2.0, 0.0, 0.0]])
+    params = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={4: 1.0})
+    got = penalize(logits, params, [1, 1, 2, 2, 3, 3], n_prompt=3)  # output: 2 once, 3 twice
+    assert torch.equal(got, torch.tensor([[0.5, 0.5, -2.75, 0.0, 1.0, 0.0]]))
+    assert penalize(logits, SamplingParams(), [1, 2], 1) is logits  # nothing to adjust

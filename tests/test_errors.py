@@ -153,6 +153,14 @@ def test_generation_stops_at_context_end(small_llm):
         {"seed": 1.5, "temperature": 1.0},
         {"stop": 5},
         {"stop": [5]},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": float("nan")},
+        {"frequency_penalty": "1"},
+        {"logit_bias": {"12": 1.0}},  # the Python API takes ids as ints
+        {"logit_bias": {-1: 1.0}},
+        {"logit_bias": {12: 101}},
+        {"logit_bias": {10**9: 1.0}},  # past the vocabulary
+        {"logit_bias": [12, 1.0]},
     ],
 )
 def test_bad_sampling_values(small_llm, kwargs):

@@ -125,6 +125,28 @@ def test_openai_client(server):
     assert " 7" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
 
 
+def test_penalties_and_logit_bias(server):
+    """OpenAI's presence and frequency penalties and `logit_bias`, and Ollama's penalty options,
+    give what the Python API gives with the same values; a bias of -100 bans a token."""
+    from openai import OpenAI
+
+    import aheadlm
+
+    llm = aheadlm.load(MODEL, drafter="none")
+    client = OpenAI(base_url=server + "/v1", api_key=KEY)
+    prompt = "Count: one, two, three,"
+    banned = llm.generate(prompt, max_tokens=1).token_ids[0]
+    kw = dict(max_tokens=12, presence_penalty=0.7, frequency_penalty=0.4)
+    ref = llm.generate(prompt, **kw, logit_bias={banned: -100})
+    assert banned not in ref.token_ids
+    r = client.completions.create(model=MODEL, prompt=prompt, temperature=0, **kw, logit_bias={str(banned): -100})
+    assert r.choices[0].text == ref.text
+    options = {"num_predict": 12, "temperature": 0, "presence_penalty": 0.7, "frequency_penalty": 0.4}
+    body = {"model": MODEL, "prompt": prompt, "raw": True, "stream": False, "options": options}
+    g = httpx.post(server + "/api/generate", json=body, headers=H, timeout=60).json()
+    assert g["response"] == llm.generate(prompt, **kw).text
+
+
 def test_logprobs(server):
     """OpenAI chat, legacy completions and Ollama give each token's log-probability and the most
     likely alternatives: the same streamed or not, covering the tokens through a stop string, and
@@ -393,10 +415,16 @@ BAD = [
     ("/v1/chat/completions", {**CHAT_X, "top_logprobs": 2}, 400),
     ("/v1/chat/completions", {**CHAT_X, "logprobs": True, "top_logprobs": -1}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "x", "logprobs": True, "top_logprobs": 99}, 400),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"7042": -100}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"7042": -101}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"hello": 1}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"-3": 1}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {str(10**9): 1}}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": [1, 2]}, 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400),
     ("/v1/chat/completions", {**CHAT_X, "response_format": {"type": "json_object"}}, 400),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 0.5}, 400),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 2.5}, 400),
+    ("/v1/chat/completions", {**CHAT_X, "frequency_penalty": -3}, 400),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"presence_penalty": "a"}}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "x", "images": ["aGk="]}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "x", "format": "json"}, 400),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, 400),

@@ -156,14 +156,29 @@ def test_threshold_gates_whole_rounds_and_stays_lossless(target):
     assert stats.drafted == 0
 
 
-def test_repetition_penalty_greedy_identity(target):
-    params = SamplingParams(repetition_penalty=1.3)
+ADJUSTED = {
+    "repetition": SamplingParams(repetition_penalty=1.3),
+    "presence-frequency": SamplingParams(presence_penalty=1.5, frequency_penalty=1.0),
+    "negative-frequency": SamplingParams(frequency_penalty=-2.0),
+    "bias": SamplingParams(logit_bias={7: 100.0, 8: 3.0, 11: -100.0}),
+    "all": SamplingParams(repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.5, logit_bias={9: 2.0}),
+}
+
+
+@pytest.mark.parametrize("name", list(ADJUSTED))
+def test_penalties_and_logit_bias_greedy_identity(target, name):
+    """Each verify row is adjusted for its own context (the output so far plus the drafts before
+    it), so speculative output equals plain decoding's; and the adjustment changes that output."""
+    params = ADJUSTED[name]
     plain = Engine(target)
+    changed = False
     for prompt in PROMPTS:
         ref, _, _ = run(plain, prompt, params, max_tokens=30)
-        oracle = NoisyOracle(prompt + ref, 0.2)
-        got, _, _ = run(Engine(target, proposer=oracle, spec=SpecConfig(4)), prompt, params, max_tokens=30)
-        assert got == ref
+        changed |= ref != run(plain, prompt, max_tokens=30)[0]
+        for proposer in (NoisyOracle(prompt + ref, 0.2), NgramProposer()):
+            got, _, _ = run(Engine(target, proposer=proposer, spec=SpecConfig(4)), prompt, params, max_tokens=30)
+            assert got == ref
+    assert changed
 
 
 def test_adaptive_k_prefers_long_drafts_when_accepted():

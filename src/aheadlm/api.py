@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +166,9 @@ class LLM:
         top_p: float | None = None,
         min_p: float | None = None,
         repetition_penalty: float | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] = (),
@@ -175,8 +178,20 @@ class LLM:
     ) -> Iterator[Step]:
         """Yield `Step`s with text deltas; the last one has `finish_reason` set. With `logprobs`
         (0..20), each step also carries its tokens' log-probabilities under the model's own
-        distribution and that many most likely alternatives (`TokenLogprob`)."""
-        params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        distribution and that many most likely alternatives (`TokenLogprob`). `logit_bias` maps
+        token ids to values added to their logits; the penalties follow OpenAI (presence,
+        frequency: over the output) and HF (repetition: over prompt and output)."""
+        params = SamplingParams(
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            seed,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias,
+        )
         logprobs = check_logprobs(logprobs)
         if not _is_count(max_tokens) or max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")

@@ -58,6 +58,15 @@ def _add_draft_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _bias(text: str) -> tuple[int, float]:
+    """`ID=BIAS` of `--logit-bias`."""
+    tok, _, value = text.partition("=")
+    try:
+        return int(tok), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS, got {text!r}") from None
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
@@ -65,6 +74,16 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="-2..2, once per token the output holds")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="-2..2, per occurrence in the output")
+    p.add_argument(
+        "--logit-bias",
+        type=_bias,
+        action="append",
+        default=None,
+        metavar="ID=BIAS",
+        help="added to a token's logit (repeatable)",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
@@ -77,6 +96,9 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
         top_p=a.top_p,
         min_p=a.min_p,
         repetition_penalty=a.repetition_penalty,
+        presence_penalty=a.presence_penalty,
+        frequency_penalty=a.frequency_penalty,
+        logit_bias=dict(a.logit_bias) if a.logit_bias else None,
         seed=a.seed,
         stop=a.stop,
     )

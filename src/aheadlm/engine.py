@@ -17,7 +17,7 @@ from .model import Transformer
 from .outputs import GenerationStats, Step, TokenLogprob
 from .prompt_cache import PromptCache, cache_size
 from .proposers import Proposer
-from .sampling import SamplingParams, apply_repetition_penalty, check_logprobs, next_token, token_logprobs
+from .sampling import SamplingParams, check_logprobs, next_token, penalize, token_logprobs
 from .speculative import SpecConfig
 
 __all__ = ["Engine", "GenerationStats", "Step"]
@@ -151,6 +151,7 @@ class Engine:
         params = params or SamplingParams()
         logprobs = check_logprobs(logprobs)
         self.check_prompt(prompt, max_tokens)
+        params.check_vocab(self.config.vocab_size)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt)
         generator = generator or params.make_generator(self.device)
@@ -178,8 +179,6 @@ class Engine:
         cache, safe = self.open_cache(prompt, limit, kept)
         stats.cached_tokens = safe
         tokens = list(prompt)  # then each output; the cache holds K/V for tokens[:safe]
-        penalty = params.repetition_penalty or 1.0
-        seen = torch.tensor(prompt, device=self.device)
         try:
             t0 = time.perf_counter()
             logits, _ = self.prefill(cache, prompt[safe:])
@@ -189,9 +188,8 @@ class Engine:
             n_out = 0
             while True:
                 raw = logits
-                if penalty != 1.0:
-                    logits = apply_repetition_penalty(logits[None], seen[None], penalty)[0]
-                tok = int(next_token(logits[None], params, generator)[0])
+                logits = penalize(logits[None], params, tokens, len(prompt))
+                tok = int(next_token(logits, params, generator)[0])
                 n_out += 1
                 stats.completion_tokens = n_out
                 finish = None
@@ -207,8 +205,6 @@ class Engine:
                 if finish:
                     return
                 t_step = time.perf_counter()
-                if penalty != 1.0:
-                    seen = torch.cat([seen, seen.new_tensor([tok])])
                 tokens.append(tok)
                 logits, _ = self._forward(cache, [tok], 1)
                 safe += 1

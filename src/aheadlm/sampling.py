@@ -4,6 +4,7 @@ explicit `torch.Generator`. Temperature 0 is greedy (argmax)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,12 @@ class SamplingParams:
     repetition_penalty: float | None = None
     """HF/llama.cpp style: seen tokens' positive logits are divided by it, negative ones multiplied."""
     seed: int | None = None
+    presence_penalty: float = 0.0
+    """OpenAI style, -2..2: subtracted once from the logit of every token the output already holds."""
+    frequency_penalty: float = 0.0
+    """OpenAI style, -2..2: subtracted from a token's logit once per time the output holds it."""
+    logit_bias: Mapping[int, float] | None = None
+    """Token id -> a value in [-100, 100] added to its logit (-100 bans it in practice)."""
 
     def __post_init__(self):
         t = self.temperature
@@ -41,6 +48,17 @@ class SamplingParams:
         rp = self.repetition_penalty
         if rp is not None and (not isinstance(rp, (int, float)) or math.isnan(rp) or not 0.01 <= rp <= 10):
             raise InvalidRequestError(f"repetition_penalty must be in [0.01, 10], got {rp!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v) or not -2 <= v <= 2:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v!r}")
+        if self.logit_bias is not None and not isinstance(self.logit_bias, Mapping):
+            raise InvalidRequestError(f"logit_bias must map token ids to values, got {type(self.logit_bias).__name__}")
+        for tok, b in (self.logit_bias or {}).items():
+            if not isinstance(tok, int) or isinstance(tok, bool) or tok < 0:
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {tok!r}")
+            if not isinstance(b, (int, float)) or isinstance(b, bool) or math.isnan(b) or not -100 <= b <= 100:
+                raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {b!r} for token {tok}")
         sd = self.seed
         if sd is not None and (not isinstance(sd, int) or isinstance(sd, bool) or not -(2**63) <= sd < 2**64):
             raise InvalidRequestError(f"seed must be an integer in [-2**63, 2**64), got {sd!r}")
@@ -48,6 +66,22 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether `penalize` changes anything: a bias or a penalty that is not off."""
+        rp = self.repetition_penalty
+        return (
+            bool(self.logit_bias)
+            or (rp is not None and rp != 1.0)
+            or bool(self.presence_penalty or self.frequency_penalty)
+        )
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse a `logit_bias` token outside the vocabulary (the model is known only here)."""
+        bad = [t for t in self.logit_bias or {} if t >= vocab_size]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token {bad[0]} is not in the vocabulary (size {vocab_size})")
 
     def make_generator(self, device="cpu") -> torch.Generator:
         g = torch.Generator(device=device)
@@ -65,6 +99,29 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     picked = logits.gather(-1, seen)
     picked = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits.scatter(-1, seen, picked)
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int], n_prompt: int) -> torch.Tensor:
+    """Logits `[N, V]` of the position after `tokens` (the prompt, its first `n_prompt`, then the
+    output so far), every row alike, adjusted as plain decoding adjusts them: `logit_bias` added,
+    then the repetition penalty over every token (prompt and output, as HF and vLLM), then the
+    presence and frequency penalties over the output tokens (as OpenAI and vLLM)."""
+    if not params.adjusts_logits:
+        return logits
+    x = logits
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=x.device)
+        bias = torch.tensor(list(params.logit_bias.values()), dtype=x.dtype, device=x.device)
+        x = x.index_add(-1, ids, bias.expand(x.shape[0], -1))
+    rp = params.repetition_penalty
+    if rp is not None and rp != 1.0 and tokens:
+        seen = torch.tensor(list(tokens), device=x.device)[None].expand(x.shape[0], -1)
+        x = apply_repetition_penalty(x, seen, rp)
+    if (params.presence_penalty or params.frequency_penalty) and len(tokens) > n_prompt:
+        counts = torch.bincount(torch.tensor(list(tokens[n_prompt:]), device=x.device), minlength=x.shape[-1])
+        counts = counts[: x.shape[-1]].to(x.dtype)
+        x = x - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(x.dtype)
+    return x
 
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from .outputs import Step
 from .proposers import Draft, Proposer, SpecState
-from .sampling import SamplingParams, apply_repetition_penalty, next_token, processed_probs, token_logprobs
+from .sampling import SamplingParams, next_token, penalize, processed_probs, token_logprobs
 from .verify import verify_greedy, verify_sampled
 
 
@@ -78,15 +78,11 @@ class AdaptiveK:
         self.cost[k] = seconds if k not in self.cost else d * self.cost[k] + (1 - d) * seconds
 
 
-def _penalized(logits: torch.Tensor, history: list[int], drafts: list[int], penalty: float) -> torch.Tensor:
+def _penalized(logits: torch.Tensor, params: SamplingParams, history: list[int], drafts: list[int], n_prompt: int):
     """Row i of the verify logits sees history + drafts[:i] as its context."""
-    if penalty == 1.0:
+    if not params.adjusts_logits:
         return logits
-    rows = []
-    for i in range(logits.shape[0]):
-        seen = torch.tensor(history + drafts[:i], device=logits.device)[None]
-        rows.append(apply_repetition_penalty(logits[i : i + 1], seen, penalty))
-    return torch.cat(rows)
+    return torch.cat([penalize(logits[i : i + 1], params, history + drafts[:i], n_prompt) for i in range(len(logits))])
 
 
 def judge(
@@ -96,10 +92,12 @@ def judge(
     params: SamplingParams,
     generator: torch.Generator,
     history: list[int],
+    n_prompt: int,
 ) -> tuple[int, int]:
     """Verify one row: target logits [len(drafts) + 1, V] over `[last token, drafts]` -> (accepted,
-    bonus). Penalties see history + the drafts before each position."""
-    rows = _penalized(logits, history, drafts, params.repetition_penalty or 1.0)
+    bonus). Penalties see history (its first `n_prompt` tokens the prompt) + the drafts before
+    each position."""
+    rows = _penalized(logits, params, history, drafts, n_prompt)
     if params.greedy:
         return verify_greedy(rows, drafts)
     q = None if draft_probs is None else draft_probs[: len(drafts)]
@@ -126,7 +124,6 @@ def generate(
     stats.cached_tokens = safe
     tokens = list(prompt)  # then each emitted token; the cache holds K/V for tokens[:safe]
     model = engine.model
-    penalty = params.repetition_penalty or 1.0
     controller = AdaptiveK(spec.num_draft) if spec.adaptive else None
     proposer.begin(prompt)
     width = max(spec.num_draft, 1)
@@ -140,7 +137,7 @@ def generate(
         stats.prefill_s = time.perf_counter() - t0
         t_round = time.perf_counter()
         raw = logits[None]  # the raw logits of each token in `new`, for its log-probability
-        logits = _penalized(raw, prompt, [], penalty)[0]
+        logits = penalize(raw, params, prompt, len(prompt))[0]
         first = int(next_token(logits[None], params, generator)[0])
         new, drafted, accepted = [first], 0, 0
         while True:
@@ -181,7 +178,7 @@ def generate(
             out_logits, out_hidden = model(x, pos, cache)
             stats.target_s += time.perf_counter() - tt
             stats.target_forwards += 1
-            accepted, bonus = judge(out_logits[0], drafts, draft.probs, params, generator, tokens)
+            accepted, bonus = judge(out_logits[0], drafts, draft.probs, params, generator, tokens, len(prompt))
 
             # Roll back to [.., last token, accepted drafts]; the bonus is the new unprocessed token.
             cache.trim(n + accepted)

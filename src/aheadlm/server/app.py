@@ -104,14 +104,18 @@ def create_app(state: ServerState) -> FastAPI:
                 404, f"model {name!r} not found; this server runs {state.name!r}", "model_not_found", "model"
             )
 
-    def sampling(temperature, top_p, top_k, min_p, seed, repetition_penalty=None) -> SamplingParams:
+    def sampling(o, repetition_penalty, logit_bias=None) -> SamplingParams:
+        """The sampling fields both APIs share (`o`), the repetition penalty each names its way."""
         return SamplingParams(
-            temperature=0.0 if temperature is None else float(temperature),
-            top_k=top_k,
-            top_p=None if top_p is None else float(top_p),
-            min_p=None if min_p is None else float(min_p),
+            temperature=0.0 if o.temperature is None else float(o.temperature),
+            top_k=o.top_k,
+            top_p=None if o.top_p is None else float(o.top_p),
+            min_p=None if o.min_p is None else float(o.min_p),
             repetition_penalty=repetition_penalty,
-            seed=seed,
+            seed=o.seed,
+            presence_penalty=float(o.presence_penalty or 0.0),
+            frequency_penalty=float(o.frequency_penalty or 0.0),
+            logit_bias=logit_bias,
         )
 
     def budget(requested: int | None, prompt_len: int) -> int:
@@ -225,7 +229,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         check_model(body.model)
         ids, extra = chat_ids(body.messages)
-        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p, body.seed, body.repetition_penalty)
+        params = sampling(body, body.repetition_penalty, body.logit_bias)
         n = budget(body.max_completion_tokens or body.max_tokens, len(ids))
         stops = stops_of(body.stop) + extra
         streams = [run(http, ids, choice_params(params, i), n, stops, body.logprob_count()) for i in range(body.n)]
@@ -295,7 +299,7 @@ def create_app(state: ServerState) -> FastAPI:
         prompts = [completion_ids(p) for p in body.prompts()]
         if body.stream and len(prompts) > 1:
             raise APIError(400, "a streamed request takes one prompt", "invalid_value", "prompt")
-        params = sampling(body.temperature, body.top_p, body.top_k, body.min_p, body.seed, body.repetition_penalty)
+        params = sampling(body, body.repetition_penalty, body.logit_bias)
         scoring = body.max_tokens == 0  # echo only: the engine decodes one token, which is dropped
         scored = body.logprobs if body.echo else None
         stops = stops_of(body.stop)
@@ -371,7 +375,7 @@ def create_app(state: ServerState) -> FastAPI:
     # -- Ollama ------------------------------------------------------------------------------------
     def ollama_params(o: OllamaOptions | None, prompt_len: int) -> tuple[SamplingParams, int, list[str]]:
         o = o or OllamaOptions()
-        params = sampling(o.temperature, o.top_p, o.top_k, o.min_p, o.seed, o.repeat_penalty)
+        params = sampling(o, o.repeat_penalty)
         if o.num_predict is not None and o.num_predict == 0:
             raise APIError(400, "options.num_predict must not be 0", "invalid_value", "options.num_predict")
         n = budget(None if o.num_predict is None or o.num_predict < 0 else o.num_predict, prompt_len)

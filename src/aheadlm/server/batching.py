@@ -30,7 +30,7 @@ from ..model import Transformer
 from ..outputs import GenerationStats, TokenLogprob
 from ..prompt_cache import hold, reusable
 from ..proposers import NgramProposer, SpecState, choose_mixed
-from ..sampling import SamplingParams, apply_repetition_penalty, next_token, token_logprobs
+from ..sampling import SamplingParams, next_token, penalize, token_logprobs
 from ..speculative import judge
 
 
@@ -134,6 +134,7 @@ class BatchEngine:
         """Prefill `req` in a private cache (from the kept prefix of the row it gets), move it into
         that row, emit its first token."""
         self._prefill_engine.check_prompt(req.prompt, req.max_tokens)
+        req.params.check_vocab(self._prefill_engine.config.vocab_size)
         row, held = self._pick_row(req.prompt)
         scored = None if req.prompt_logprobs is None else []
         if scored is not None:
@@ -162,10 +163,7 @@ class BatchEngine:
             req.ngram.begin(req.prompt)
         self.rows[row] = req
         raw = logits[None]
-        if req.params.repetition_penalty:
-            seen = torch.tensor(req.prompt, device=self.device)[None]
-            logits = apply_repetition_penalty(raw, seen, req.params.repetition_penalty)[0]
-        first = int(next_token(logits[None], req.params, req.generator)[0])
+        first = int(next_token(penalize(raw, req.params, req.prompt, len(req.prompt)), req.params, req.generator)[0])
         self._deliver(req, [first], raw, time.perf_counter())
 
     def _deliver(self, req: Request, new: list[int], raw: torch.Tensor, t_start: float) -> None:
@@ -234,7 +232,9 @@ class BatchEngine:
         for r in active:
             d = drafts[r.row]
             m = len(d) + 1
-            accepted, bonus = judge(logits[offset : offset + m], d, probs.get(r.row), r.params, r.generator, r.tokens)
+            accepted, bonus = judge(
+                logits[offset : offset + m], d, probs.get(r.row), r.params, r.generator, r.tokens, len(r.prompt)
+            )
             offset += m
             n = len(r.tokens)
             self.cache.trim(n + accepted, row=r.row)

@@ -54,12 +54,9 @@ class StreamOptions(BaseModel):
 # Fields that would change the answer but that this server does not implement, with the values
 # that mean "off" (clients often send those): anything else is a 400, not a silent wrong answer.
 UNSUPPORTED_OPENAI = {
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "functions": (None, []),
     "response_format": (None, {"type": "text"}),
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
     "best_of": (None, 1),
     "suffix": (None, ""),
 }
@@ -85,6 +82,22 @@ class SamplingFields(_Base):
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     repetition_penalty: Number | None = Field(default=None, gt=0, le=10)
     """vLLM's extra field (llama.cpp style); the engine implements it."""
+    presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[str, Number] | None = None
+    """OpenAI's shape: token ids as strings -> a value in [-100, 100] added to the logit."""
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return None
+        for tok, b in v.items():
+            if not (tok.isascii() and tok.isdigit()):
+                raise ValueError(f"logit_bias keys must be token ids, got {tok!r}")
+            if not -100 <= b <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {b!r} for token {tok}")
+        return {int(tok): float(b) for tok, b in v.items()}
 
     @model_validator(mode="after")
     def _supported(self):
@@ -177,6 +190,8 @@ class OllamaOptions(_Base):
     top_k: StrictInt | None = Field(default=None, ge=0)
     min_p: Number | None = Field(default=None, ge=0, le=1)
     repeat_penalty: Number | None = Field(default=None, gt=0, le=10)
+    presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
     seed: StrictInt | None = None
     num_predict: StrictInt | None = Field(default=None)
     stop: Stop = None
