@@ -147,6 +147,33 @@ def test_penalties_and_logit_bias(server):
     assert g["response"] == llm.generate(prompt, **kw).text
 
 
+def test_tokenize_and_detokenize(server):
+    """vLLM's and llama.cpp server's shapes: a prompt (special tokens as the model adds them), a
+    chat (the chat endpoint's prompt), raw content (no special tokens), pieces; ids back to text."""
+    import aheadlm
+
+    llm = aheadlm.load(MODEL, drafter="none")
+    text = "Speculative decoding, naïvely: 🚀"
+
+    def post(path, body):
+        r = httpx.post(server + path, json=body, headers=H, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    r = post("/tokenize", {"model": MODEL, "prompt": text})
+    assert r["tokens"] == llm.tokenizer.encode(text) and r["count"] == len(r["tokens"]) and r["max_model_len"] > 0
+    msgs = [{"role": "user", "content": "Hi there"}]
+    assert post("/tokenize", {"model": MODEL, "messages": msgs})["tokens"] == llm.chat_prompt(msgs)[0]
+    raw = post("/tokenize", {"content": text})["tokens"]
+    assert raw == llm.tokenizer.encode(text, add_bos=False)
+    pieces = post("/tokenize", {"content": text, "with_pieces": True})["tokens"]
+    assert [p["id"] for p in pieces] == raw
+    joined = b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"]) for p in pieces)
+    assert joined.decode() == text
+    back = post("/detokenize", {"model": MODEL, "tokens": raw})
+    assert back["prompt"] == back["content"] == text
+
+
 def test_logprobs(server):
     """OpenAI chat, legacy completions and Ollama give each token's log-probability and the most
     likely alternatives: the same streamed or not, covering the tokens through a stop string, and
@@ -428,6 +455,13 @@ BAD = [
     ("/api/generate", {"model": MODEL, "prompt": "x", "images": ["aGk="]}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "x", "format": "json"}, 400),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, 400),
+    ("/tokenize", {"model": MODEL, "prompt": "x", "content": "y"}, 400),
+    ("/tokenize", {"model": MODEL}, 400),
+    ("/tokenize", {"model": MODEL, "messages": []}, 400),
+    ("/tokenize", {"model": "other", "prompt": "x"}, 404),
+    ("/detokenize", {"tokens": [10**9]}, 400),
+    ("/detokenize", {"tokens": ["a"]}, 400),
+    ("/detokenize", {"model": MODEL}, 400),
     ("/v1/nowhere", {"model": MODEL}, 404),
     ("/health", {}, 405),
 ]

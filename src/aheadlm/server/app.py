@@ -13,17 +13,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from .. import __version__
 from ..api import LLM, _StopMatcher, _through_stop
 from ..errors import ContextLengthError
 from ..sampling import SamplingParams
 from ..tokenizer import TextStream
-from . import error_handlers
+from . import error_handlers, model_info, tokenization
 from .batching import Request as EngineRequest
 from .error_handlers import error_response
 from .logprobs import chat_logprobs, completion_logprobs, joined, prompt_logprobs
@@ -36,7 +34,6 @@ from .protocol import (
     OllamaChat,
     OllamaGenerate,
     OllamaOptions,
-    OllamaShow,
 )
 from .responses import (
     chain,
@@ -47,6 +44,7 @@ from .responses import (
     gather_all,
     merge,
     ndjson_error,
+    now_rfc3339,
     sse_error,
     sse_event,
     usage,
@@ -65,10 +63,6 @@ class ServerState:
     max_body: int = 4 * 2**20
     default_max_tokens: int = 512
     file_size: int = 0
-
-
-def _now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -423,7 +417,7 @@ def create_app(state: ServerState) -> FastAPI:
         check_model(body.model)
 
         def wrap(text):
-            return {"model": body.model, "created_at": _now_rfc3339(), "response": text}
+            return {"model": body.model, "created_at": now_rfc3339(), "response": text}
 
         if not body.prompt and not body.system:
             return {**wrap(""), "done": True, "done_reason": "load"}
@@ -446,70 +440,17 @@ def create_app(state: ServerState) -> FastAPI:
         def wrap(text):
             return {
                 "model": body.model,
-                "created_at": _now_rfc3339(),
+                "created_at": now_rfc3339(),
                 "message": {"role": "assistant", "content": text},
             }
 
         return await ollama_respond(http, ids, params, n, stops + extra, body.stream, wrap, body.logprob_count())
 
-    def details() -> dict:
-        cfg = state.llm.config
-        return {
-            "parent_model": "",
-            "format": "gguf",
-            "family": cfg.arch,
-            "families": [cfg.arch],
-            "parameter_size": f"{cfg.num_params / 1e6:.0f}M",
-            "quantization_level": "native",
-        }
-
-    def listed() -> dict:
-        return {
-            "name": f"{state.name}:latest",
-            "model": f"{state.name}:latest",
-            "size": state.file_size,
-            "digest": uuid.uuid5(uuid.NAMESPACE_URL, state.name).hex,
-            "details": details(),
-        }
-
-    @app.get("/api/tags")
-    async def ollama_tags():
-        return {"models": [{**listed(), "modified_at": _now_rfc3339()}]}
-
-    @app.get("/api/ps")
-    async def ollama_ps():
-        # the one model is loaded for the server's lifetime, on the CPU unless a GPU was chosen
-        on_gpu = next(state.llm.engine.model.parameters()).device.type == "cuda"
-        return {"models": [{**listed(), "expires_at": "9999-12-31T23:59:59Z", "size_vram": state.file_size * on_gpu}]}
-
-    @app.get("/api/version")
-    async def ollama_version():
-        return {"version": __version__}
-
-    @app.post("/api/show")
-    async def ollama_show(body: OllamaShow):
-        check_model(body.model or body.name or "")
-        cfg = state.llm.config
-        info = {
-            "general.architecture": cfg.arch,
-            "general.parameter_count": cfg.num_params,
-            f"{cfg.arch}.context_length": cfg.max_position,
-            f"{cfg.arch}.embedding_length": cfg.hidden_size,
-            f"{cfg.arch}.block_count": cfg.num_layers,
-        }
-        return {
-            "modelfile": f"FROM {state.name}\n",
-            "parameters": "",
-            "template": tok.chat_template or "",
-            "details": details(),
-            "model_info": info,
-            "capabilities": ["completion"],
-            "modified_at": _now_rfc3339(),
-        }
-
     @app.get("/metrics")
     async def metrics():
         return PlainTextResponse(prometheus(state.scheduler), media_type="text/plain; version=0.0.4")
 
+    model_info.register(app, state, check_model)
+    tokenization.register(app, state, check_model, chat_ids)
     known_paths.update(r.path for r in app.routes)
     return app

@@ -233,3 +233,30 @@ def check_max_tokens(value: int | None, limit: int, default: int) -> int:
     if value > limit:
         raise InvalidRequestError(f"max_tokens {value} exceeds the context size {limit}")
     return value
+
+
+class TokenizeRequest(_Base):
+    """vLLM's `/tokenize` (`prompt` or `messages`, `add_special_tokens`, default on) or llama.cpp
+    server's (`content`, `add_special`, default off; `with_pieces`)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    content: str | None = None
+    add_special_tokens: StrictBool = True
+    add_special: StrictBool = False
+    with_pieces: StrictBool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        given = [name for name in ("prompt", "messages", "content") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of prompt, messages (vLLM) or content (llama.cpp)")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        return self
+
+
+class DetokenizeRequest(_Base):
+    model: str | None = None
+    tokens: list[StrictInt]

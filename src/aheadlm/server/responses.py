@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 
 from fastapi import Request
 
@@ -140,3 +141,8 @@ async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, tuple]
     finally:
         for t in tasks:
             t.cancel()
+
+
+def now_rfc3339() -> str:
+    """Ollama's timestamps."""
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
