@@ -19,6 +19,7 @@ import torch
 
 from aheadlm.drafter import DrafterConfig, MTPDrafter
 from aheadlm.engine import Engine
+from aheadlm.guided import GuideTable, JsonGuide
 from aheadlm.kv_cache import KVCache
 from aheadlm.proposers import Draft, MTPProposer, Proposer
 from aheadlm.sampling import SamplingParams, penalize, processed_probs
@@ -52,13 +53,24 @@ def target():
     return ours_from_hf(hf)
 
 
-def exact_joint(model, params) -> torch.Tensor:
-    """p(t1, t2, t3) [V, V, V] under plain sampling with `params`."""
+# JSON mode over a 12-token vocabulary (token 0 ends the text): each row's mask follows its context.
+JSON_TABLE = GuideTable(
+    [b"<eos>", b"{", b"}", b'"', b"a", b":", b"1", b",", b" ", b'"a":', b"[", b"]"], [True] + [False] * 11
+)
+
+
+def json_guide():
+    return JsonGuide(JSON_TABLE, (0,))
+
+
+def exact_joint(model, params, guide=None) -> torch.Tensor:
+    """p(t1, t2, t3) [V, V, V] under plain sampling with `params` (and a fresh `guide()` if given)."""
 
     def dist(seq):
         with torch.no_grad():
             lg, _ = model(torch.tensor([seq]), torch.arange(len(seq))[None], KVCache(model.config, 16), num_logits=1)
-        return processed_probs(penalize(lg[0], params, seq, len(PROMPT)), params)[0]
+        g = guide() if guide else None
+        return processed_probs(penalize(lg[0], params, seq, len(PROMPT), g), params)[0]
 
     joint = torch.zeros(V, V, V, dtype=torch.float64)
     p1 = dist(PROMPT)
@@ -132,13 +144,14 @@ def gated(target, params) -> MTPProposer:
     return proposer
 
 
-def check(target, proposer, params, n):
-    exact = exact_joint(target, params)
+def check(target, proposer, params, n, guide=None):
+    exact = exact_joint(target, params, guide)
     engine = Engine(target, proposer=proposer, spec=SpecConfig(num_draft=2))
     counts = torch.zeros(V, V, V, dtype=torch.float64)
     for seed in range(n):
         p = dataclasses.replace(params, seed=seed)
-        toks = [t for s in engine.generate(PROMPT, p, max_tokens=3) for t in s.token_ids]
+        g = guide() if guide else None
+        toks = [t for s in engine.generate(PROMPT, p, max_tokens=3, guide=g) for t in s.token_ids]
         counts[tuple(toks)] += 1
     emp = counts / n
     for dims in ((1, 2), (0, 2), (0, 1)):  # marginals of t1, t2, t3
@@ -161,6 +174,13 @@ def check(target, proposer, params, n):
 def test_speculative_sampling_distribution(target, setting):
     for proposer in [*drafters(target).values(), gated(target, SETTINGS[setting])]:
         check(target, proposer, SETTINGS[setting], n=3000)
+
+
+def test_speculative_sampling_distribution_json_mode(target):
+    """JSON mode forbids most tokens, differently at each position of a round."""
+    params = SamplingParams(temperature=1.0)
+    for proposer in drafters(target).values():
+        check(target, proposer, params, n=3000, guide=json_guide)
 
 
 @pytest.mark.slow

@@ -147,6 +147,45 @@ def test_penalties_and_logit_bias(server):
     assert g["response"] == llm.generate(prompt, **kw).text
 
 
+def test_json_mode(server):
+    """`response_format: json_object` (chat, completions) and Ollama's `format: "json"` give the
+    Python API's `json_mode` answer, and it parses as one JSON object."""
+    from openai import OpenAI
+
+    import aheadlm
+
+    llm = aheadlm.load(MODEL, drafter="none")
+    client = OpenAI(base_url=server + "/v1", api_key=KEY)
+    msgs = [{"role": "user", "content": "Describe a cat as JSON with a name and an age."}]
+    ref = llm.chat(msgs, max_tokens=120, json_mode=True)
+    assert ref.finish_reason == "stop" and isinstance(json.loads(ref.text), dict)
+    kw = dict(model=MODEL, messages=msgs, max_tokens=120, temperature=0, response_format={"type": "json_object"})
+    assert client.chat.completions.create(**kw).choices[0].message.content == ref.text
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True) if c.choices
+    )
+    assert streamed == ref.text
+    prompt = "A JSON object for a book, with title and year:"
+    want = llm.generate(prompt, max_tokens=60, json_mode=True).text
+    r = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=60,
+        temperature=0,
+        extra_body={"response_format": {"type": "json_object"}},
+    )
+    assert r.choices[0].text == want
+    body = {
+        "model": MODEL,
+        "messages": msgs,
+        "stream": False,
+        "format": "json",
+        "options": {"num_predict": 120, "temperature": 0},
+    }
+    g = httpx.post(server + "/api/chat", json=body, headers=H, timeout=60).json()
+    assert g["message"]["content"] == ref.text
+
+
 def test_tokenize_and_detokenize(server):
     """vLLM's and llama.cpp server's shapes: a prompt (special tokens as the model adds them), a
     chat (the chat endpoint's prompt), raw content (no special tokens), pieces; ids back to text."""
@@ -448,12 +487,14 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {str(10**9): 1}}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": [1, 2]}, 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400),
-    ("/v1/chat/completions", {**CHAT_X, "response_format": {"type": "json_object"}}, 400),
+    ("/v1/chat/completions", {**CHAT_X, "response_format": {"type": "json_schema", "json_schema": {}}}, 400),
+    ("/v1/chat/completions", {**CHAT_X, "response_format": {"kind": "json"}}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 2.5}, 400),
     ("/v1/chat/completions", {**CHAT_X, "frequency_penalty": -3}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"presence_penalty": "a"}}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "x", "images": ["aGk="]}, 400),
-    ("/api/generate", {"model": MODEL, "prompt": "x", "format": "json"}, 400),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "format": {"type": "object"}}, 400),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "format": "yaml"}, 400),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, 400),
     ("/tokenize", {"model": MODEL, "prompt": "x", "content": "y"}, 400),
     ("/tokenize", {"model": MODEL}, 400),

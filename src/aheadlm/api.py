@@ -13,6 +13,7 @@ import torch
 from .checkpoint import load_model
 from .engine import Engine, GenerationStats, Step
 from .errors import InvalidRequestError
+from .guided import GuideTable, JsonGuide, table_for
 from .outputs import TokenLogprob
 from .prompt_cache import PromptCache
 from .proposers import make_proposer
@@ -136,6 +137,17 @@ class LLM:
         self.tokenizer = tokenizer
         self.name = name
         self.prompt_cache = PromptCache() if prompt_cache else None
+        self._guide_table: GuideTable | None = None  # built on the first JSON-mode request
+
+    def json_guide(self, stop_ids: Sequence[int] = ()) -> JsonGuide:
+        """A fresh constraint for one JSON-mode request, ending at the tokenizer's stop tokens (and
+        `stop_ids`)."""
+        ends = tuple(dict.fromkeys([*self.tokenizer.stop_ids, *stop_ids]))
+        if not ends:
+            raise InvalidRequestError("JSON mode needs a stop token, and this model's tokenizer has none")
+        if self._guide_table is None:
+            self._guide_table = table_for(self.tokenizer)
+        return JsonGuide(self._guide_table, ends)
 
     def clear_cache(self) -> None:
         """Forget the kept KV cache (it holds memory in proportion to the last sequence's length)."""
@@ -175,12 +187,15 @@ class LLM:
         ignore_eos: bool = False,
         stats: GenerationStats | None = None,
         logprobs: int | None = None,
+        json_mode: bool = False,
     ) -> Iterator[Step]:
         """Yield `Step`s with text deltas; the last one has `finish_reason` set. With `logprobs`
         (0..20), each step also carries its tokens' log-probabilities under the model's own
         distribution and that many most likely alternatives (`TokenLogprob`). `logit_bias` maps
         token ids to values added to their logits; the penalties follow OpenAI (presence,
-        frequency: over the output) and HF (repetition: over prompt and output)."""
+        frequency: over the output) and HF (repetition: over prompt and output). `json_mode`
+        constrains the output to one JSON object (it may still stop at `max_tokens` or a stop
+        string before the object is complete)."""
         params = SamplingParams(
             temperature,
             top_k,
@@ -195,6 +210,8 @@ class LLM:
         logprobs = check_logprobs(logprobs)
         if not _is_count(max_tokens) or max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not isinstance(json_mode, bool):
+            raise InvalidRequestError(f"json_mode must be True or False, got {json_mode!r}")
         if not isinstance(ignore_eos, bool):
             raise InvalidRequestError(f"ignore_eos must be True or False, got {ignore_eos!r}")
         if stats is not None and not isinstance(stats, GenerationStats):
@@ -219,6 +236,7 @@ class LLM:
             stats=stats,
             prompt_cache=self.prompt_cache,
             logprobs=logprobs,
+            guide=self.json_guide(extra_ids) if json_mode else None,
         )
         text = TextStream(self.tokenizer)
         matcher = _StopMatcher(stops)

@@ -86,6 +86,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--json-mode", action="store_true", help="constrain the output to one JSON object")
 
 
 def _sampling_kwargs(a: argparse.Namespace) -> dict:
@@ -101,6 +102,7 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
         logit_bias=dict(a.logit_bias) if a.logit_bias else None,
         seed=a.seed,
         stop=a.stop,
+        json_mode=a.json_mode,
     )
 
 

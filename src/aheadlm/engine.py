@@ -142,12 +142,14 @@ class Engine:
         stats: GenerationStats | None = None,
         prompt_cache: PromptCache | None = None,
         logprobs: int | None = None,
+        guide=None,
     ) -> Iterator[Step]:
         """Decode `prompt`: speculatively when the engine has a proposer, else one target forward
         per token. Yields a `Step` per round; the last one carries `finish_reason`. With
         `prompt_cache`, the prompt's prefix that cache holds is not prefilled again, and the
         sequence's cache is kept there when generation ends (or is stopped). With `logprobs` (the
-        number of alternatives, 0..20), each step carries its tokens' log-probabilities."""
+        number of alternatives, 0..20), each step carries its tokens' log-probabilities. A `guide`
+        (`guided.JsonGuide`, one per call) constrains the output (JSON mode)."""
         params = params or SamplingParams()
         logprobs = check_logprobs(logprobs)
         self.check_prompt(prompt, max_tokens)
@@ -170,11 +172,12 @@ class Engine:
                 stats=stats,
                 prompt_cache=prompt_cache,
                 logprobs=logprobs,
+                guide=guide,
             )
             return
-        yield from self._plain(prompt, params, max_tokens, stop_ids, generator, stats, prompt_cache, logprobs)
+        yield from self._plain(prompt, params, max_tokens, stop_ids, generator, stats, prompt_cache, logprobs, guide)
 
-    def _plain(self, prompt, params, max_tokens, stop_ids, generator, stats, kept, top) -> Iterator[Step]:
+    def _plain(self, prompt, params, max_tokens, stop_ids, generator, stats, kept, top, guide) -> Iterator[Step]:
         limit = min(self.n_ctx, len(prompt) + max_tokens)
         cache, safe = self.open_cache(prompt, limit, kept)
         stats.cached_tokens = safe
@@ -188,7 +191,7 @@ class Engine:
             n_out = 0
             while True:
                 raw = logits
-                logits = penalize(logits[None], params, tokens, len(prompt))
+                logits = penalize(logits[None], params, tokens, len(prompt), guide)
                 tok = int(next_token(logits, params, generator)[0])
                 n_out += 1
                 stats.completion_tokens = n_out

@@ -101,11 +101,16 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(-1, seen, picked)
 
 
-def penalize(logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int], n_prompt: int) -> torch.Tensor:
+def penalize(
+    logits: torch.Tensor, params: SamplingParams, tokens: Sequence[int], n_prompt: int, guide=None
+) -> torch.Tensor:
     """Logits `[N, V]` of the position after `tokens` (the prompt, its first `n_prompt`, then the
     output so far), every row alike, adjusted as plain decoding adjusts them: `logit_bias` added,
     then the repetition penalty over every token (prompt and output, as HF and vLLM), then the
-    presence and frequency penalties over the output tokens (as OpenAI and vLLM)."""
+    presence and frequency penalties over the output tokens (as OpenAI and vLLM), then the tokens
+    a `guide` (`guided.JsonGuide`) forbids after this output set to -inf."""
+    if guide is not None:
+        return guide.mask(penalize(logits, params, tokens, n_prompt), tokens[n_prompt:])
     if not params.adjusts_logits:
         return logits
     x = logits

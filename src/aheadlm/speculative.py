@@ -78,11 +78,12 @@ class AdaptiveK:
         self.cost[k] = seconds if k not in self.cost else d * self.cost[k] + (1 - d) * seconds
 
 
-def _penalized(logits: torch.Tensor, params: SamplingParams, history: list[int], drafts: list[int], n_prompt: int):
+def _penalized(logits, params: SamplingParams, history: list[int], drafts: list[int], n_prompt: int, guide=None):
     """Row i of the verify logits sees history + drafts[:i] as its context."""
-    if not params.adjusts_logits:
+    if not params.adjusts_logits and guide is None:
         return logits
-    return torch.cat([penalize(logits[i : i + 1], params, history + drafts[:i], n_prompt) for i in range(len(logits))])
+    rows = [penalize(logits[i : i + 1], params, history + drafts[:i], n_prompt, guide) for i in range(len(logits))]
+    return torch.cat(rows)
 
 
 def judge(
@@ -93,11 +94,12 @@ def judge(
     generator: torch.Generator,
     history: list[int],
     n_prompt: int,
+    guide=None,
 ) -> tuple[int, int]:
     """Verify one row: target logits [len(drafts) + 1, V] over `[last token, drafts]` -> (accepted,
     bonus). Penalties see history (its first `n_prompt` tokens the prompt) + the drafts before
-    each position."""
-    rows = _penalized(logits, params, history, drafts, n_prompt)
+    each position, and so does a `guide`'s constraint."""
+    rows = _penalized(logits, params, history, drafts, n_prompt, guide)
     if params.greedy:
         return verify_greedy(rows, drafts)
     q = None if draft_probs is None else draft_probs[: len(drafts)]
@@ -118,6 +120,7 @@ def generate(
     stats,
     prompt_cache=None,
     logprobs: int | None = None,
+    guide=None,
 ) -> Iterator:
     limit = min(engine.n_ctx, len(prompt) + max_tokens)  # total tokens the sequence may reach
     cache, safe = engine.open_cache(prompt, limit + spec.num_draft + 1, prompt_cache)
@@ -137,7 +140,7 @@ def generate(
         stats.prefill_s = time.perf_counter() - t0
         t_round = time.perf_counter()
         raw = logits[None]  # the raw logits of each token in `new`, for its log-probability
-        logits = penalize(raw, params, prompt, len(prompt))[0]
+        logits = penalize(raw, params, prompt, len(prompt), guide)[0]
         first = int(next_token(logits[None], params, generator)[0])
         new, drafted, accepted = [first], 0, 0
         while True:
@@ -178,7 +181,7 @@ def generate(
             out_logits, out_hidden = model(x, pos, cache)
             stats.target_s += time.perf_counter() - tt
             stats.target_forwards += 1
-            accepted, bonus = judge(out_logits[0], drafts, draft.probs, params, generator, tokens, len(prompt))
+            accepted, bonus = judge(out_logits[0], drafts, draft.probs, params, generator, tokens, len(prompt), guide)
 
             # Roll back to [.., last token, accepted drafts]; the bonus is the new unprocessed token.
             cache.trim(n + accepted)

@@ -129,12 +129,22 @@ def create_app(state: ServerState) -> FastAPI:
         stops: list[str],
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        json_mode: bool = False,
     ) -> AsyncIterator:
         """Yields (text delta, finish_reason | None, engine request, the log-probabilities of the
         tokens behind the delta: a list when `logprobs` is set, else None). With `prompt_logprobs`
-        the request's `prompt_scored` is filled before the first item."""
+        the request's `prompt_scored` is filled before the first item; `json_mode` constrains the
+        output to a JSON object."""
+        guide = await asyncio.to_thread(state.llm.json_guide) if json_mode else None  # the first builds a table
         req = EngineRequest(
-            ids, params, max_tokens, tok.stop_ids, emit=None, logprobs=logprobs, prompt_logprobs=prompt_logprobs
+            ids,
+            params,
+            max_tokens,
+            tok.stop_ids,
+            emit=None,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            guide=guide,
         )
         try:
             queue = state.scheduler.submit(req, asyncio.get_running_loop())
@@ -226,7 +236,10 @@ def create_app(state: ServerState) -> FastAPI:
         params = sampling(body, body.repetition_penalty, body.logit_bias)
         n = budget(body.max_completion_tokens or body.max_tokens, len(ids))
         stops = stops_of(body.stop) + extra
-        streams = [run(http, ids, choice_params(params, i), n, stops, body.logprob_count()) for i in range(body.n)]
+        streams = [
+            run(http, ids, choice_params(params, i), n, stops, body.logprob_count(), json_mode=body.json_mode())
+            for i in range(body.n)
+        ]
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": cid, "created": created, "model": state.name}
 
@@ -307,6 +320,7 @@ def create_app(state: ServerState) -> FastAPI:
                 stops,
                 body.logprobs,
                 scored,
+                json_mode=body.json_mode(),
             )
             for ids, i in jobs
         ]
@@ -391,9 +405,9 @@ def create_app(state: ServerState) -> FastAPI:
             "aheadlm": usage(req)["aheadlm"],
         }
 
-    async def ollama_respond(http, ids, params, n, stops, stream_out: bool, wrap, logprobs: int | None):
+    async def ollama_respond(http, ids, params, n, stops, stream_out: bool, wrap, body):
         t0 = time.perf_counter()
-        stream = run(http, ids, params, n, stops, logprobs)
+        stream = run(http, ids, params, n, stops, body.logprob_count(), json_mode=body.json_mode())
 
         def lp(lps) -> dict:
             return {} if lps is None else {"logprobs": chat_logprobs(tok, lps)}
@@ -429,7 +443,7 @@ def create_app(state: ServerState) -> FastAPI:
             ]
             ids, extra = state.llm.chat_prompt(msgs)
         params, n, stops = ollama_params(body.options, len(ids))
-        return await ollama_respond(http, ids, params, n, stops + extra, body.stream, wrap, body.logprob_count())
+        return await ollama_respond(http, ids, params, n, stops + extra, body.stream, wrap, body)
 
     @app.post("/api/chat")
     async def ollama_chat(body: OllamaChat, http: Request):
@@ -444,7 +458,7 @@ def create_app(state: ServerState) -> FastAPI:
                 "message": {"role": "assistant", "content": text},
             }
 
-        return await ollama_respond(http, ids, params, n, stops + extra, body.stream, wrap, body.logprob_count())
+        return await ollama_respond(http, ids, params, n, stops + extra, body.stream, wrap, body)
 
     @app.get("/metrics")
     async def metrics():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -55,6 +56,8 @@ class Request:
     """Set by the HTTP layer when a stop string ends the request (tokens through the stop)."""
     logprobs: int | None = None
     """With a number (of alternatives, 0..20), each emitted token comes with its log-probability."""
+    guide: Any = None
+    """A `guided.JsonGuide` constraining this request's output (JSON mode), or None."""
     prompt_logprobs: int | None = None
     """With a number, the prompt is scored too: `prompt_scored` gets, before the first tokens are
     emitted, the log-probability of each prompt token after the first (and that many alternatives)."""
@@ -163,7 +166,9 @@ class BatchEngine:
             req.ngram.begin(req.prompt)
         self.rows[row] = req
         raw = logits[None]
-        first = int(next_token(penalize(raw, req.params, req.prompt, len(req.prompt)), req.params, req.generator)[0])
+        first = int(
+            next_token(penalize(raw, req.params, req.prompt, len(req.prompt), req.guide), req.params, req.generator)[0]
+        )
         self._deliver(req, [first], raw, time.perf_counter())
 
     def _deliver(self, req: Request, new: list[int], raw: torch.Tensor, t_start: float) -> None:
@@ -233,7 +238,14 @@ class BatchEngine:
             d = drafts[r.row]
             m = len(d) + 1
             accepted, bonus = judge(
-                logits[offset : offset + m], d, probs.get(r.row), r.params, r.generator, r.tokens, len(r.prompt)
+                logits[offset : offset + m],
+                d,
+                probs.get(r.row),
+                r.params,
+                r.generator,
+                r.tokens,
+                len(r.prompt),
+                r.guide,
             )
             offset += m
             n = len(r.tokens)

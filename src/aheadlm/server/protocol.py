@@ -56,11 +56,10 @@ class StreamOptions(BaseModel):
 UNSUPPORTED_OPENAI = {
     "tools": (None, []),
     "functions": (None, []),
-    "response_format": (None, {"type": "text"}),
     "best_of": (None, 1),
     "suffix": (None, ""),
 }
-UNSUPPORTED_OLLAMA = {"images": (None, []), "format": (None, ""), "template": (None, ""), "context": (None, [])}
+UNSUPPORTED_OLLAMA = {"images": (None, []), "template": (None, ""), "context": (None, [])}
 
 
 def refuse_unsupported(extra: dict[str, Any] | None, table: dict[str, tuple]) -> None:
@@ -86,6 +85,19 @@ class SamplingFields(_Base):
     frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, Number] | None = None
     """OpenAI's shape: token ids as strings -> a value in [-100, 100] added to the logit."""
+    response_format: dict[str, Any] | None = None
+    """`{"type": "text"}` or `{"type": "json_object"}` (JSON mode); JSON schemas are refused."""
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v):
+        kind = None if v is None else v.get("type")
+        if v is not None and kind not in ("text", "json_object"):
+            raise ValueError(f"response_format type {kind!r} is not supported by this server (text or json_object)")
+        return v
+
+    def json_mode(self) -> bool:
+        return bool(self.response_format) and self.response_format["type"] == "json_object"
 
     @field_validator("logit_bias")
     @classmethod
@@ -198,6 +210,19 @@ class OllamaOptions(_Base):
 
 
 class _OllamaRequest(_Base):
+    format: str | dict[str, Any] | None = None
+    """`"json"` (JSON mode) or nothing; JSON schemas are refused."""
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v):
+        if v not in (None, "", "json"):
+            raise ValueError('format is not supported by this server, except "json"')
+        return v
+
+    def json_mode(self) -> bool:
+        return self.format == "json"
+
     @model_validator(mode="after")
     def _supported(self):
         refuse_unsupported(self.model_extra, UNSUPPORTED_OLLAMA)

@@ -1,0 +1,258 @@
+"""JSON mode: decoding constrained so that the output is one JSON object (OpenAI's
+`response_format: {"type": "json_object"}`, Ollama's `format: "json"`).
+
+A byte-level pushdown recogniser of JSON (RFC 8259) says which bytes may come next; a token is
+allowed when all its bytes are, and a stop token only once the object is complete. The mask
+depends only on the recogniser's state (its mode, the containers a token could close, the
+whitespace run), so each state's mask is computed once per vocabulary and kept in its
+`GuideTable`. The engine applies the mask to every position it decodes or verifies, after
+penalties, so speculative output still equals plain decoding's under the same constraint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+# Recogniser modes. A state is (mode, aux, stack, ws): aux carries the mode's detail (the number's
+# part, a literal's remaining bytes, whether a string is a key), stack the open containers
+# ("o" object, "a" array), ws the current whitespace run.
+TOP, VALUE, OBJ_FIRST, KEY, COLON, ARR_FIRST, AFTER, STR, ESC, HEX, NUM, LIT, DONE = range(13)
+WS = frozenset(b" \t\n\r")
+MAX_WS = 16
+"""Longest whitespace run between tokens of the JSON: a small model in JSON mode can otherwise
+emit newlines until it runs out of tokens (llama.cpp's JSON grammar caps its runs too)."""
+HEXDIGITS = frozenset(b"0123456789abcdefABCDEF")
+DIGITS = frozenset(b"0123456789")
+# Number parts: after "-", after a leading 0, in the integer digits, after ".", in the fraction,
+# after "e", after the exponent's sign, in the exponent. Complete: ZERO, INT, FRAC, EXP.
+MINUS, ZERO, INT, DOT, FRAC, E, ESIGN, EXP = range(8)
+NUM_DONE = frozenset((ZERO, INT, FRAC, EXP))
+
+State = tuple
+
+
+def start() -> State:
+    return (TOP, None, "", 0)
+
+
+def _after_value(stack: str) -> State:
+    return (AFTER, None, stack, 0) if stack else (DONE, None, "", 0)
+
+
+def _value(b: int, stack: str) -> State | None:
+    """The state after byte `b` starts a value."""
+    if b == 0x7B:  # {
+        return (OBJ_FIRST, None, stack + "o", 0)
+    if b == 0x5B:  # [
+        return (ARR_FIRST, None, stack + "a", 0)
+    if b == 0x22:  # "
+        return (STR, False, stack, 0)
+    if b == 0x2D:  # -
+        return (NUM, MINUS, stack, 0)
+    if b == 0x30:
+        return (NUM, ZERO, stack, 0)
+    if b in DIGITS:
+        return (NUM, INT, stack, 0)
+    for lit in (b"true", b"false", b"null"):
+        if b == lit[0]:
+            return (LIT, lit[1:], stack, 0)
+    return None
+
+
+def _close(b: int, stack: str) -> State | None:
+    if stack and b == (0x7D if stack[-1] == "o" else 0x5D):  # } or ]
+        return _after_value(stack[:-1])
+    return None
+
+
+def step(s: State, b: int) -> State | None:
+    """The state after byte `b`, or None where JSON cannot go on with it."""
+    mode, aux, stack, ws = s
+    if mode == STR:
+        if b == 0x22:
+            return (COLON, None, stack, 0) if aux else _after_value(stack)
+        if b == 0x5C:
+            return (ESC, aux, stack, 0)
+        return None if b < 0x20 else s
+    if mode == ESC:
+        if b == 0x75:  # \uXXXX
+            return (HEX, (aux, 4), stack, 0)
+        return (STR, aux, stack, 0) if b in b'"\\/bfnrt' else None
+    if mode == HEX:
+        if b not in HEXDIGITS:
+            return None
+        key, left = aux
+        return (STR, key, stack, 0) if left == 1 else (HEX, (key, left - 1), stack, 0)
+    if mode == LIT:
+        if b != aux[0]:
+            return None
+        return (LIT, aux[1:], stack, 0) if len(aux) > 1 else _after_value(stack)
+    if mode == NUM:
+        nxt = _number(aux, b)
+        if nxt is not None:
+            return (NUM, nxt, stack, 0)
+        return step(_after_value(stack), b) if aux in NUM_DONE else None
+    if mode == DONE:
+        return None
+    if b in WS:  # between tokens of the JSON
+        return (mode, aux, stack, ws + 1) if ws < MAX_WS else None
+    if mode == TOP:
+        return (OBJ_FIRST, None, "o", 0) if b == 0x7B else None
+    if mode == VALUE:
+        return _value(b, stack)
+    if mode == ARR_FIRST:
+        return _close(b, stack) or _value(b, stack)
+    if mode == OBJ_FIRST:
+        return _close(b, stack) or ((STR, True, stack, 0) if b == 0x22 else None)
+    if mode == KEY:
+        return (STR, True, stack, 0) if b == 0x22 else None
+    if mode == COLON:
+        return (VALUE, None, stack, 0) if b == 0x3A else None
+    # AFTER a value inside a container: a comma or the container's closer
+    if b == 0x2C:
+        return (KEY, None, stack, 0) if stack[-1] == "o" else (VALUE, None, stack, 0)
+    return _close(b, stack)
+
+
+def _number(part: int, b: int) -> int | None:
+    """The number's part after byte `b`, or None where `b` does not continue it."""
+    if b in DIGITS:
+        if part == MINUS:
+            return ZERO if b == 0x30 else INT
+        return {INT: INT, DOT: FRAC, FRAC: FRAC, E: EXP, ESIGN: EXP, EXP: EXP}.get(part)
+    if b == 0x2E:
+        return DOT if part in (ZERO, INT) else None
+    if b in b"eE":
+        return E if part in (ZERO, INT, FRAC) else None
+    if b in b"+-":
+        return ESIGN if part == E else None
+    return None
+
+
+def advance(s: State | None, data: bytes) -> State | None:
+    for b in data:
+        if s is None:
+            return None
+        s = step(s, b)
+    return s
+
+
+class GuideTable:
+    """A vocabulary's token bytes, prepared for computing masks, and the masks computed so far
+    (one per recogniser signature; shared by every request on this vocabulary)."""
+
+    def __init__(self, token_bytes: Sequence[bytes], special: Sequence[bool]):
+        self.bytes = list(token_bytes)
+        n = len(self.bytes)
+        first = np.full(n, -1, dtype=np.int16)  # first byte, -1 for empty tokens
+        first_text = np.full(n, -1, dtype=np.int16)  # first byte that is not whitespace
+        plain = np.zeros(n, dtype=bool)  # no quote, backslash or control byte: inert in a string
+        closers = 0
+        for i, t in enumerate(self.bytes):
+            if t:
+                first[i] = t[0]
+                rest = t.lstrip(b" \t\n\r")
+                first_text[i] = rest[0] if rest else -1
+                plain[i] = not any(c < 0x20 or c in (0x22, 0x5C) for c in t)
+                closers = max(closers, t.count(b"}") + t.count(b"]"))
+        self.special = np.asarray(special, dtype=bool)
+        self.usable = (first >= 0) & ~self.special
+        self.first, self.first_text, self.plain = first, first_text, plain
+        self.closers = closers
+        """The most containers one token could close: how much of the stack a mask depends on."""
+        self.masks: dict[tuple, np.ndarray] = {}
+        self._kept: dict[tuple, tuple] = {}  # (signature, logits width) -> (allowed ids, forbidden mask)
+
+    def kept(self, s: State, width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ids `allowed` takes among `width` logits (empty: none) and, where they are most of
+        them (inside strings), the bool mask of the rest: masking those is then cheaper than
+        gathering the kept ones."""
+        key = (self.signature(s), width)
+        out = self._kept.get(key)
+        if out is None:
+            keep = np.zeros(width, dtype=bool)
+            m = self.allowed(s)[:width]
+            keep[: len(m)] = m
+            ids = torch.from_numpy(np.flatnonzero(keep))
+            out = self._kept[key] = (ids, torch.from_numpy(~keep) if len(ids) > width // 4 else None)
+        return out
+
+    def signature(self, s: State) -> tuple:
+        mode, aux, stack, ws = s
+        return (mode, aux, stack[-self.closers :] if self.closers else "", len(stack) > self.closers, ws)
+
+    def allowed(self, s: State) -> np.ndarray:
+        """Bool [vocab]: the tokens whose every byte JSON allows from state `s` (stop tokens aside)."""
+        key = self.signature(s)
+        mask = self.masks.get(key)
+        if mask is None:
+            mask = self.masks[key] = self._compute(s)
+        return mask
+
+    def _compute(self, s: State) -> np.ndarray:
+        ok_first = np.array([step(s, b) is not None for b in range(256)])
+        after_ws = step(s, 0x20)
+        ok_text = np.array([after_ws is not None and advance(after_ws, bytes([b])) is not None for b in range(256)])
+        is_ws = np.isin(self.first, list(WS))
+        cand = self.usable & np.where(
+            is_ws, (self.first_text < 0) | ok_text[self.first_text.clip(0)], ok_first[self.first.clip(0)]
+        )
+        mask = np.zeros(len(self.bytes), dtype=bool)
+        if s[0] == STR:  # inside a string, tokens without quotes, escapes or controls never leave it
+            mask |= cand & self.plain
+            cand &= ~self.plain
+        for i in np.flatnonzero(cand):
+            mask[i] = advance(s, self.bytes[i]) is not None
+        return mask
+
+
+def table_for(tokenizer) -> GuideTable:
+    """The `GuideTable` of a tokenizer's vocabulary (a second or two for 262k tokens; keep it)."""
+    ids = range(tokenizer.vocab_size)
+    return GuideTable([tokenizer.token_bytes(i) for i in ids], [tokenizer.is_special(i) for i in ids])
+
+
+@dataclass
+class JsonGuide:
+    """One request's constraint: the output is a single JSON object, then a stop token. Keeps the
+    recogniser's state after each output token, so a round's rows cost only their new tokens."""
+
+    table: GuideTable
+    stop_ids: tuple[int, ...]
+    _tokens: list[int] = field(default_factory=list)
+    _states: list[State] = field(default_factory=lambda: [start()])
+
+    def state(self, output: Sequence[int]) -> State | None:
+        """The recogniser's state after `output`; None once it holds a token JSON cannot take
+        (under the mask, only a stop token after the object)."""
+        n = 0
+        while n < min(len(output), len(self._tokens)) and output[n] == self._tokens[n]:
+            n += 1
+        del self._tokens[n:], self._states[n + 1 :]
+        for t in output[n:]:
+            s = self._states[-1]
+            if s is not None and t < len(self.table.bytes) and not self.table.special[t]:
+                s = advance(s, self.table.bytes[t])
+            else:
+                s = None
+            self._tokens.append(t)
+            self._states.append(s)
+        return self._states[-1]
+
+    def mask(self, logits: torch.Tensor, output: Sequence[int]) -> torch.Tensor:
+        """`logits` [N, V] of the position after `output` with every token JSON forbids at -inf."""
+        s = self.state(output)
+        V = logits.shape[-1]
+        ids, forbid = (None, None) if s is None or s[0] == DONE else self.table.kept(s, V)
+        if forbid is not None:
+            return logits.masked_fill(forbid.to(logits.device), float("-inf"))
+        if ids is None or not len(ids):  # complete, or (no real vocabulary) stuck: end
+            ids = torch.tensor([t for t in self.stop_ids if t < V], dtype=torch.long)
+        ids = ids.to(logits.device)
+        out = torch.full_like(logits, float("-inf"))
+        out[:, ids] = logits[:, ids]
+        return out
