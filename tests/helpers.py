@@ -6,6 +6,7 @@ import torch
 
 from aheadlm.checkpoint import build_model, hf_state_dict
 from aheadlm.config import from_hf_config
+from aheadlm.guided import GuideTable
 
 
 def tiny_hf(arch: str, seed: int = 0, **overrides):
@@ -253,3 +254,21 @@ def reference_drafts(hf_target, assistant, ids: list[int], k: int) -> list[int]:
         tok, h = o.logits.argmax(-1), o.last_hidden_state
         drafts.append(int(tok))
     return drafts
+
+
+FRAGMENTS = [
+    b"<eos>", b"", b"{", b"}", b"[", b"]", b'"', b":", b",", b" ", b"\n", b"    ", b'"a"', b'": ', b'", "',
+    b"true", b"fal", b"se", b"null", b"0", b"1", b"23", b"-", b".", b"e", b"+", b"\\", b"n", b"u", b"00e9",
+    b"}}", b"]}", b"}]", b'"}', b'":"', b"x", b"hello", b" world", b"\t", b"}\n", b'{"', b'"b', b"1,", b"[1",
+    b"}}}}", b"]]]", b'\\"', b"\x01", b"\xc3", b"\xa9", b" {", b' "', b"\n  ", b"e-", b"<special>",
+    *(bytes([c]) for c in b"abcdfghijklmopqrstvwyz"),  # with "e", "n", "u", "x" above: every letter alone
+]  # fmt: skip
+
+
+def toy_table(n=160):
+    """A JSON-mode `GuideTable` for the tiny models' 160 ids: JSON fragments, then filler words;
+    id 0 is a special end token."""
+    words = [bytes([97 + i % 26, 97 + (i * 7) % 26]) * (1 + i % 3) for i in range(n)]
+    vocab = (FRAGMENTS + words)[:n]
+    special = [t in (b"<eos>", b"<special>") for t in vocab]
+    return GuideTable(vocab, special)

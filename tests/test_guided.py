@@ -10,12 +10,12 @@ import torch
 
 from aheadlm.drafter import DrafterConfig, MTPDrafter
 from aheadlm.engine import Engine
-from aheadlm.guided import DONE, MAX_WS, GuideTable, JsonGuide, advance, start
+from aheadlm.guided import DONE, MAX_DIGITS, MAX_INDENT, GuideTable, JsonGuide, advance, start
 from aheadlm.proposers import MTPProposer, NgramProposer
 from aheadlm.sampling import SamplingParams
 from aheadlm.speculative import SpecConfig
 
-from helpers import ours_from_hf, tiny_hf
+from helpers import ours_from_hf, tiny_hf, toy_table
 
 
 def complete(text: str) -> bool:
@@ -25,7 +25,7 @@ def complete(text: str) -> bool:
 
 VALID = [
     "{}",
-    ' \n{"a": 1}',
+    '\n  {"a": 1}',
     '{"a":[1,2.5,-0.0,1e5,2E-3,0.5e+7,true,false,null,{"b":"c\\"d\\\\e\\/\\u00e9\\n"}],"":""}',
     '{"x": {"y": [[], {}]}}',
     '{"é": "ünï 🚀"}',
@@ -50,7 +50,13 @@ INVALID = [
     '{"a":[1,]}',
     '{"a":NaN}',
     '{"a":1} ',  # nothing may follow the object (a stop token must)
-    "{" + " " * (MAX_WS + 1) + "}",
+    "{\n" + " " * (MAX_INDENT + 1) + "}",
+    '{"a":  1}',  # whitespace is one space, or a newline and an indent
+    '{\t"a": 1}',
+    '{"a": ' + "1" * (MAX_DIGITS + 1) + "}",
+    '{"a": 1,\n\n"b": 2}',  # one newline per whitespace run, at its start
+    '{"a": 1, \n"b": 2}',
+    "{\r\n}",
 ]
 
 
@@ -85,16 +91,39 @@ def random_value(rng, depth=0):
 def random_object(rng):
     obj = {f"k{i}": random_value(rng, 1) for i in range(rng.randrange(1, 4))}
     indent = rng.choice([None, 0, 1, 2])
-    seps = rng.choice([None, (",", ":"), (", ", ": ")])
+    seps = None if indent is not None else rng.choice([None, (",", ":"), (", ", ": ")])  # no ", \n" runs
     return json.dumps(obj, indent=indent, separators=seps, ensure_ascii=rng.random() < 0.5)
 
 
+def whitespace_ok(text: str) -> bool:
+    """JSON mode's limits outside strings: whitespace a single space or a newline and at most
+    MAX_INDENT spaces and tabs; at most MAX_DIGITS digits in a row."""
+    in_string = escaped = False
+    run = digits = ""
+    for c in text + "x":
+        if in_string:
+            in_string = escaped or c != '"'
+            escaped = not escaped and c == "\\"
+            continue
+        digits = digits + c if c.isdigit() else ""
+        if len(digits) > MAX_DIGITS:
+            return False
+        if c in " \t\n\r":
+            run += c
+            continue
+        if run and run != " " and not (run[0] == "\n" and set(run[1:]) <= set(" \t") and len(run) <= MAX_INDENT + 1):
+            return False
+        run, in_string = "", c == '"'
+    return True
+
+
 def python_accepts(text: str) -> bool:
+    """Python's parser takes it, as one object with nothing after it, in JSON mode's whitespace."""
     try:
         value = json.loads(text)
     except ValueError:
         return False
-    return isinstance(value, dict) and text == text.rstrip(" \t\n\r")
+    return isinstance(value, dict) and text == text.rstrip(" \t\n\r") and whitespace_ok(text)
 
 
 def test_recogniser_agrees_with_python_json():
@@ -120,22 +149,6 @@ def test_recogniser_agrees_with_python_json():
         assert complete(edited) == python_accepts(edited), edited
         agreed += python_accepts(edited)
     assert agreed > 100  # the edits exercise both answers
-
-
-FRAGMENTS = [
-    b"<eos>", b"", b"{", b"}", b"[", b"]", b'"', b":", b",", b" ", b"\n", b"    ", b'"a"', b'": ', b'", "',
-    b"true", b"fal", b"se", b"null", b"0", b"1", b"23", b"-", b".", b"e", b"+", b"\\", b"n", b"u", b"00e9",
-    b"}}", b"]}", b"}]", b'"}', b'":"', b"x", b"hello", b" world", b"\t", b"}\n", b'{"', b'"b', b"1,", b"[1",
-    b"}}}}", b"]]]", b'\\"', b"\x01", b"\xc3", b"\xa9", b" {", b' "', b"\n  ", b"e-", b"<special>",
-    b"t", b"r", b"a", b"l", b"s",  # with "e", "n", "u" above: every literal can be finished
-]  # fmt: skip
-
-
-def toy_table(n=160):
-    words = [bytes([97 + i % 26, 97 + (i * 7) % 26]) * (1 + i % 3) for i in range(n)]
-    vocab = (FRAGMENTS + words)[:n]
-    special = [t in (b"<eos>", b"<special>") for t in vocab]
-    return GuideTable(vocab, special)
 
 
 def test_cached_masks_equal_checking_every_token():

@@ -149,7 +149,8 @@ def test_penalties_and_logit_bias(server):
 
 def test_json_mode(server):
     """`response_format: json_object` (chat, completions) and Ollama's `format: "json"` give the
-    Python API's `json_mode` answer, and it parses as one JSON object."""
+    Python API's `json_mode` answer, and it parses as one JSON object; a JSON schema (OpenAI's
+    `json_schema`, Ollama's schema `format`) gives the API's `json_schema` answer."""
     from openai import OpenAI
 
     import aheadlm
@@ -184,6 +185,19 @@ def test_json_mode(server):
     }
     g = httpx.post(server + "/api/chat", json=body, headers=H, timeout=60).json()
     assert g["message"]["content"] == ref.text
+
+    # a JSON schema: OpenAI's json_schema response format and Ollama's schema `format`
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "indoor": {"type": "boolean"}},
+    }
+    want = llm.chat(msgs, max_tokens=120, json_schema=schema)
+    assert want.finish_reason == "stop" and list(json.loads(want.text)) == ["name", "age", "indoor"]
+    fmt = {"type": "json_schema", "json_schema": {"name": "cat", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(**{**kw, "response_format": fmt})
+    assert r.choices[0].message.content == want.text
+    g = httpx.post(server + "/api/chat", json={**body, "format": schema}, headers=H, timeout=60).json()
+    assert g["message"]["content"] == want.text
 
 
 def test_tokenize_and_detokenize(server):
@@ -489,6 +503,14 @@ BAD = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400),
     ("/v1/chat/completions", {**CHAT_X, "response_format": {"type": "json_schema", "json_schema": {}}}, 400),
     ("/v1/chat/completions", {**CHAT_X, "response_format": {"kind": "json"}}, 400),
+    (
+        "/v1/chat/completions",
+        {
+            **CHAT_X,
+            "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "a"}}},
+        },
+        400,
+    ),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "presence_penalty": 2.5}, 400),
     ("/v1/chat/completions", {**CHAT_X, "frequency_penalty": -3}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "x", "options": {"presence_penalty": "a"}}, 400),

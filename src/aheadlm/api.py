@@ -13,12 +13,13 @@ import torch
 from .checkpoint import load_model
 from .engine import Engine, GenerationStats, Step
 from .errors import InvalidRequestError
-from .guided import GuideTable, JsonGuide, table_for
+from .guided import ANY_OBJECT, GuideTable, JsonGuide, table_for
 from .outputs import TokenLogprob
 from .prompt_cache import PromptCache
 from .proposers import make_proposer
 from .registry import REGISTRY, resolve
 from .sampling import SamplingParams, check_logprobs
+from .schema import SchemaGrammar
 from .speculative import SpecConfig
 from .tokenizer import PLAIN_CHAT_STOP, TextStream, Tokenizer
 
@@ -139,15 +140,16 @@ class LLM:
         self.prompt_cache = PromptCache() if prompt_cache else None
         self._guide_table: GuideTable | None = None  # built on the first JSON-mode request
 
-    def json_guide(self, stop_ids: Sequence[int] = ()) -> JsonGuide:
-        """A fresh constraint for one JSON-mode request, ending at the tokenizer's stop tokens (and
-        `stop_ids`)."""
+    def json_guide(self, stop_ids: Sequence[int] = (), schema: dict | None = None) -> JsonGuide:
+        """A fresh constraint for one JSON-mode request: any JSON object, or a value of `schema`,
+        then one of the tokenizer's stop tokens (or `stop_ids`)."""
         ends = tuple(dict.fromkeys([*self.tokenizer.stop_ids, *stop_ids]))
         if not ends:
             raise InvalidRequestError("JSON mode needs a stop token, and this model's tokenizer has none")
+        grammar = ANY_OBJECT if schema is None else SchemaGrammar(schema)
         if self._guide_table is None:
             self._guide_table = table_for(self.tokenizer)
-        return JsonGuide(self._guide_table, ends)
+        return JsonGuide(self._guide_table, ends, grammar)
 
     def clear_cache(self) -> None:
         """Forget the kept KV cache (it holds memory in proportion to the last sequence's length)."""
@@ -188,14 +190,16 @@ class LLM:
         stats: GenerationStats | None = None,
         logprobs: int | None = None,
         json_mode: bool = False,
+        json_schema: dict | None = None,
     ) -> Iterator[Step]:
         """Yield `Step`s with text deltas; the last one has `finish_reason` set. With `logprobs`
         (0..20), each step also carries its tokens' log-probabilities under the model's own
         distribution and that many most likely alternatives (`TokenLogprob`). `logit_bias` maps
         token ids to values added to their logits; the penalties follow OpenAI (presence,
         frequency: over the output) and HF (repetition: over prompt and output). `json_mode`
-        constrains the output to one JSON object (it may still stop at `max_tokens` or a stop
-        string before the object is complete)."""
+        constrains the output to one JSON object, `json_schema` to a value of that schema (see
+        `schema.py` for what it may say); either may still stop at `max_tokens` or a stop string
+        before the value is complete."""
         params = SamplingParams(
             temperature,
             top_k,
@@ -236,7 +240,7 @@ class LLM:
             stats=stats,
             prompt_cache=self.prompt_cache,
             logprobs=logprobs,
-            guide=self.json_guide(extra_ids) if json_mode else None,
+            guide=self.json_guide(extra_ids, json_schema) if json_mode or json_schema is not None else None,
         )
         text = TextStream(self.tokenizer)
         matcher = _StopMatcher(stops)

@@ -67,6 +67,20 @@ def _bias(text: str) -> tuple[int, float]:
         raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS, got {text!r}") from None
 
 
+def _schema(text: str) -> dict:
+    """`--json-schema`: the schema itself, or @FILE holding it."""
+    try:
+        if text.startswith("@"):
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        schema = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"not a readable JSON schema: {e}") from None
+    if not isinstance(schema, dict):
+        raise argparse.ArgumentTypeError("a JSON schema must be an object")
+    return schema
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=256)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
@@ -87,6 +101,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--json-mode", action="store_true", help="constrain the output to one JSON object")
+    p.add_argument(
+        "--json-schema", type=_schema, default=None, metavar="SCHEMA", help="constrain the output to this JSON schema"
+    )
 
 
 def _sampling_kwargs(a: argparse.Namespace) -> dict:
@@ -103,6 +120,7 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
         seed=a.seed,
         stop=a.stop,
         json_mode=a.json_mode,
+        json_schema=a.json_schema,
     )
 
 

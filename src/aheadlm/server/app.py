@@ -129,13 +129,15 @@ def create_app(state: ServerState) -> FastAPI:
         stops: list[str],
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
-        json_mode: bool = False,
+        json_format: bool | dict = False,
     ) -> AsyncIterator:
         """Yields (text delta, finish_reason | None, engine request, the log-probabilities of the
         tokens behind the delta: a list when `logprobs` is set, else None). With `prompt_logprobs`
-        the request's `prompt_scored` is filled before the first item; `json_mode` constrains the
-        output to a JSON object."""
-        guide = await asyncio.to_thread(state.llm.json_guide) if json_mode else None  # the first builds a table
+        the request's `prompt_scored` is filled before the first item; `json_format` (True, or a
+        schema) constrains the output to a JSON object, or to a value of the schema."""
+        schema = json_format if isinstance(json_format, dict) else None
+        # the first JSON-mode request builds the vocabulary's table: off the event loop
+        guide = await asyncio.to_thread(state.llm.json_guide, (), schema) if json_format else None
         req = EngineRequest(
             ids,
             params,
@@ -237,7 +239,7 @@ def create_app(state: ServerState) -> FastAPI:
         n = budget(body.max_completion_tokens or body.max_tokens, len(ids))
         stops = stops_of(body.stop) + extra
         streams = [
-            run(http, ids, choice_params(params, i), n, stops, body.logprob_count(), json_mode=body.json_mode())
+            run(http, ids, choice_params(params, i), n, stops, body.logprob_count(), json_format=body.json_format())
             for i in range(body.n)
         ]
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -320,7 +322,7 @@ def create_app(state: ServerState) -> FastAPI:
                 stops,
                 body.logprobs,
                 scored,
-                json_mode=body.json_mode(),
+                json_format=body.json_format(),
             )
             for ids, i in jobs
         ]
@@ -407,7 +409,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     async def ollama_respond(http, ids, params, n, stops, stream_out: bool, wrap, body):
         t0 = time.perf_counter()
-        stream = run(http, ids, params, n, stops, body.logprob_count(), json_mode=body.json_mode())
+        stream = run(http, ids, params, n, stops, body.logprob_count(), json_format=body.json_format())
 
         def lp(lps) -> dict:
             return {} if lps is None else {"logprobs": chat_logprobs(tok, lps)}

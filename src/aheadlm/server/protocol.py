@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 
 from ..errors import InvalidRequestError
 from ..sampling import MAX_TOP_LOGPROBS
+from ..schema import SchemaGrammar
 
 
 class APIError(Exception):
@@ -68,6 +69,13 @@ def refuse_unsupported(extra: dict[str, Any] | None, table: dict[str, tuple]) ->
             raise ValueError(f"{name} is not supported by this server")
 
 
+def _check_schema(schema: dict) -> None:
+    try:
+        SchemaGrammar(schema)
+    except InvalidRequestError as e:
+        raise ValueError(f"JSON schema: {e}") from None
+
+
 class SamplingFields(_Base):
     temperature: Number | None = Field(default=None, ge=0, le=2)
     top_p: Number | None = Field(default=None, gt=0, le=1)
@@ -86,18 +94,26 @@ class SamplingFields(_Base):
     logit_bias: dict[str, Number] | None = None
     """OpenAI's shape: token ids as strings -> a value in [-100, 100] added to the logit."""
     response_format: dict[str, Any] | None = None
-    """`{"type": "text"}` or `{"type": "json_object"}` (JSON mode); JSON schemas are refused."""
+    """`{"type": "text"}`, `{"type": "json_object"}` (JSON mode) or `{"type": "json_schema",
+    "json_schema": {"name": ..., "schema": {...}}}` (output following the schema)."""
 
     @field_validator("response_format")
     @classmethod
     def _format(cls, v):
         kind = None if v is None else v.get("type")
-        if v is not None and kind not in ("text", "json_object"):
-            raise ValueError(f"response_format type {kind!r} is not supported by this server (text or json_object)")
+        if v is not None and kind not in ("text", "json_object", "json_schema"):
+            raise ValueError(f"response_format type {kind!r} is not supported (text, json_object, json_schema)")
+        if kind == "json_schema":
+            spec = v.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError("response_format.json_schema needs a `schema` object")
+            _check_schema(spec["schema"])
         return v
 
-    def json_mode(self) -> bool:
-        return bool(self.response_format) and self.response_format["type"] == "json_object"
+    def json_format(self) -> bool | dict:
+        """False (free text), True (any JSON object) or the schema the output must follow."""
+        kind = (self.response_format or {}).get("type")
+        return self.response_format["json_schema"]["schema"] if kind == "json_schema" else kind == "json_object"
 
     @field_validator("logit_bias")
     @classmethod
@@ -211,17 +227,19 @@ class OllamaOptions(_Base):
 
 class _OllamaRequest(_Base):
     format: str | dict[str, Any] | None = None
-    """`"json"` (JSON mode) or nothing; JSON schemas are refused."""
+    """`"json"` (JSON mode), a JSON schema the output must follow, or nothing."""
 
     @field_validator("format")
     @classmethod
     def _format(cls, v):
-        if v not in (None, "", "json"):
-            raise ValueError('format is not supported by this server, except "json"')
+        if isinstance(v, dict):
+            _check_schema(v)
+        elif v not in (None, "", "json"):
+            raise ValueError('format must be "json" or a JSON schema')
         return v
 
-    def json_mode(self) -> bool:
-        return self.format == "json"
+    def json_format(self) -> bool | dict:
+        return self.format if isinstance(self.format, dict) else self.format == "json"
 
     @model_validator(mode="after")
     def _supported(self):
