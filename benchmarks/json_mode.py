@@ -31,6 +31,18 @@ PROMPTS = [
 ]
 
 
+def timed(fn, total: list[float]):
+    """`fn`, adding the seconds each call takes to total[0]."""
+
+    def wrapper(*args):
+        start = time.perf_counter()
+        out = fn(*args)
+        total[0] += time.perf_counter() - start
+        return out
+
+    return wrapper
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gemma3-270m")
@@ -44,26 +56,9 @@ def main() -> None:
     llm.json_guide()
     table_s = time.perf_counter() - t
 
-    masking = [0.0]
-    original = guided.JsonGuide.mask
-
-    def timed(self, logits, output):
-        start = time.perf_counter()
-        out = original(self, logits, output)
-        masking[0] += time.perf_counter() - start
-        return out
-
-    computing = [0.0]
-    compute = guided.GuideTable._compute
-
-    def timed_compute(self, s, grammar):
-        start = time.perf_counter()
-        out = compute(self, s, grammar)
-        computing[0] += time.perf_counter() - start
-        return out
-
-    guided.JsonGuide.mask = timed
-    guided.GuideTable._compute = timed_compute
+    masking, computing = [0.0], [0.0]
+    guided.JsonGuide.mask = timed(guided.JsonGuide.mask, masking)
+    guided.GuideTable._compute = timed(guided.GuideTable._compute, computing)
     seconds, tokens, valid, accepted, rounds = {}, {}, 0, {}, {}
     for r in range(a.rounds):
         for i, prompt in enumerate(PROMPTS):
