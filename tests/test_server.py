@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -198,6 +199,42 @@ def test_json_mode(server):
     assert r.choices[0].message.content == want.text
     g = httpx.post(server + "/api/chat", json={**body, "format": schema}, headers=H, timeout=60).json()
     assert g["message"]["content"] == want.text
+
+
+def test_embeddings(server):
+    """OpenAI's /v1/embeddings (float and the client's default base64) and Ollama's /api/embed and
+    /api/embeddings give `LLM.embed`'s unit vectors; a text past the context is an error on
+    /v1 and cut to it on Ollama's (its `truncate`, on by default)."""
+    from openai import OpenAI
+
+    import aheadlm
+
+    llm = aheadlm.load(MODEL, drafter="none")
+    client = OpenAI(base_url=server + "/v1", api_key=KEY)
+    texts = ["The cat sat on the mat.", "A kitten rested on the rug.", "Quarterly revenue grew by 8%."]
+    want = [llm.embed(t) for t in texts]
+    got = [d.embedding for d in client.embeddings.create(model=MODEL, input=texts).data]  # base64 on the wire
+    assert len(got[0]) == llm.config.hidden_size
+    assert all(g == pytest.approx(w, abs=1e-6) for g, w in zip(got, want, strict=True))
+    cos = torch.tensor(got) @ torch.tensor(got).T
+    assert abs(float(cos[0, 0]) - 1) < 1e-5 and cos[0, 1] > cos[0, 2]  # the two cat sentences are closest
+    r = httpx.post(
+        server + "/v1/embeddings", json={"model": MODEL, "input": texts[0], "encoding_format": "float"}, headers=H
+    ).json()
+    assert r["data"][0]["embedding"] == pytest.approx(want[0], abs=1e-6) and r["usage"]["prompt_tokens"] > 0
+    g = httpx.post(server + "/api/embed", json={"model": MODEL, "input": texts[:2]}, headers=H, timeout=60).json()
+    assert [pytest.approx(w, abs=1e-6) for w in want[:2]] == g["embeddings"]
+    old = httpx.post(server + "/api/embeddings", json={"model": MODEL, "prompt": texts[2]}, headers=H).json()
+    assert old["embedding"] == pytest.approx(want[2], abs=1e-6)
+    long = "word " * 1500  # past the server's 1,024-token context
+    r = httpx.post(server + "/v1/embeddings", json={"model": MODEL, "input": long}, headers=H, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = httpx.post(server + "/api/embed", json={"model": MODEL, "input": long}, headers=H, timeout=60)
+    assert r.status_code == 200 and r.json()["prompt_eval_count"] == 1024
+    r = httpx.post(
+        server + "/api/embed", json={"model": MODEL, "input": long, "truncate": False}, headers=H, timeout=60
+    )
+    assert r.status_code == 400
 
 
 def test_tokenize_and_detokenize(server):
@@ -518,6 +555,15 @@ BAD = [
     ("/api/generate", {"model": MODEL, "prompt": "x", "format": {"type": "object"}}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "x", "format": "yaml"}, 400),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, 400),
+    ("/v1/embeddings", {"model": MODEL, "input": ""}, 400),
+    ("/v1/embeddings", {"model": MODEL, "input": []}, 400),
+    ("/v1/embeddings", {"model": MODEL, "input": ["a", ""]}, 400),
+    ("/v1/embeddings", {"model": MODEL, "input": "a", "dimensions": 7}, 400),
+    ("/v1/embeddings", {"model": MODEL, "input": "a", "encoding_format": "int8"}, 400),
+    ("/v1/embeddings", {"model": MODEL, "input": [[10**9]]}, 400),
+    ("/v1/embeddings", {"model": "other", "input": "a"}, 404),
+    ("/api/embed", {"model": MODEL}, 400),
+    ("/api/embed", {"model": MODEL, "input": ["a"] * 300}, 400),
     ("/tokenize", {"model": MODEL, "prompt": "x", "content": "y"}, 400),
     ("/tokenize", {"model": MODEL}, 400),
     ("/tokenize", {"model": MODEL, "messages": []}, 400),

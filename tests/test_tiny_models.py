@@ -131,3 +131,30 @@ def test_hidden_is_post_norm(pair):
     cache = KVCache(ours.config, 16)
     _, hidden = run(ours, cache, ids, 0)
     torch.testing.assert_close(hidden, out.hidden_states[-1][0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_embed_pools_the_final_hidden_states(arch):
+    """Mean pooling over a text longer than one prefill chunk equals the mean of one whole
+    forward's final-norm states (first left out with skip_first); `last` is the last state; both
+    unit length; bad input is a clear error."""
+    from aheadlm.engine import Engine
+    from aheadlm.errors import ContextLengthError, InvalidRequestError
+
+    model = ours_from_hf(tiny_hf(arch, seed=2))
+    engine = Engine(model, n_ctx=256)
+    tokens = [(7 * i) % 150 + 3 for i in range(150)]
+    with torch.no_grad():
+        _, hidden = model(torch.tensor([tokens]), torch.arange(150)[None], KVCache(model.config, 256), num_logits=0)
+    h = hidden[0].double()
+    for got, want in [
+        (engine.embed(tokens), h.mean(0)),
+        (engine.embed(tokens, skip_first=True), h[1:].mean(0)),
+        (engine.embed(tokens, "last"), h[-1]),
+    ]:
+        assert torch.allclose(got.double(), want / want.norm(), atol=1e-5)
+    for bad, error in [([], InvalidRequestError), ([1] * 300, ContextLengthError), ([10**6], InvalidRequestError)]:
+        with pytest.raises(error):
+            engine.embed(bad)
+    with pytest.raises(InvalidRequestError):
+        engine.embed(tokens, "cls")

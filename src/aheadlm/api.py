@@ -160,7 +160,9 @@ class LLM:
     def config(self):
         return self.engine.config
 
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """A prompt's token ids: a string encoded (with BOS where the model uses one), or ids
+        checked and kept as they are."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         # bytes would pass as a sequence of ints: refuse it rather than read it as token ids
@@ -230,7 +232,7 @@ class LLM:
         extra_ids = [int(i) for i in given]
         max_tokens = int(max_tokens)
         stops = _stop_list(stop)
-        ids = self._prompt_ids(prompt)
+        ids = self.prompt_ids(prompt)
         stop_ids = tuple(extra_ids) + (() if ignore_eos else self.tokenizer.stop_ids)
         steps = self.engine.generate(
             ids,
@@ -267,6 +269,14 @@ class LLM:
             if step.finish_reason:
                 return
 
+    def embed(self, text: str | Sequence[int], pooling: str = "mean") -> list[float]:
+        """A unit-length embedding of `text` (or token ids): the model's final hidden states
+        averaged over the text's tokens (a leading BOS left out), or the last token's with
+        `pooling="last"`. A generative model's states, not a trained embedding model's."""
+        ids = self.prompt_ids(text)
+        bos = self.tokenizer.bos_id is not None and bool(ids) and ids[0] == self.tokenizer.bos_id
+        return self.engine.embed(ids, pooling, skip_first=bos).tolist()
+
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> Completion:
         stats = kwargs.pop("stats", None)
         stats = GenerationStats() if stats is None else stats  # anything else is checked by stream
@@ -284,7 +294,7 @@ class LLM:
         """The log-probability of each token of `prompt` after the first, given the tokens before
         it, with the `logprobs` likeliest tokens at each position: for perplexity, or to compare
         the likelihood of answers. A string gets the model's BOS token first, as in `generate`."""
-        return self.engine.score(self._prompt_ids(prompt), logprobs)
+        return self.engine.score(self.prompt_ids(prompt), logprobs)
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[str]]:
         """Token ids for a conversation and the stop strings its format needs."""

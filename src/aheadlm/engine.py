@@ -117,6 +117,29 @@ class Engine:
         self.prefill(self.new_cache(len(prompt)), prompt, scored=scored, top=top or 0)
         return scored
 
+    @torch.inference_mode()
+    def embed(self, tokens: list[int], pooling: str = "mean", skip_first: bool = False) -> torch.Tensor:
+        """One vector `[H]` for a text: the final-norm hidden states of its tokens averaged
+        (`mean`; without the first with `skip_first`, a BOS whose state is far larger than the
+        text's), or the last token's (`last`), scaled to unit length."""
+        if pooling not in ("mean", "last"):
+            raise InvalidRequestError(f"pooling must be mean or last, got {pooling!r}")
+        if not tokens:
+            raise InvalidRequestError("the text to embed is empty")
+        if len(tokens) > self.n_ctx:
+            raise ContextLengthError(f"the text has {len(tokens)} tokens; the context holds {self.n_ctx}")
+        if max(tokens) >= self.config.vocab_size or min(tokens) < 0:
+            raise InvalidRequestError("token ids out of the vocabulary range")
+        cache, step = self.new_cache(len(tokens)), self.prefill_step
+        total, last = torch.zeros(self.config.hidden_size, dtype=torch.float64, device=self.device), None
+        first = 1 if skip_first and len(tokens) > 1 else 0
+        for i in range(0, len(tokens), step):
+            _, hidden = self._forward(cache, tokens[i : i + step], 0)
+            total += hidden[0, max(first - i, 0) :].double().sum(0)
+            last = hidden[0, -1]
+        v = (total / (len(tokens) - first)).float() if pooling == "mean" else last.float()
+        return v / v.norm().clamp_min(1e-12)
+
     def check_prompt(self, prompt: list[int], max_tokens: int) -> None:
         if not prompt:
             raise InvalidRequestError("the prompt is empty")

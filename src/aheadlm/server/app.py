@@ -21,7 +21,7 @@ from ..api import LLM, _StopMatcher, _through_stop
 from ..errors import ContextLengthError
 from ..sampling import SamplingParams
 from ..tokenizer import TextStream
-from . import error_handlers, model_info, tokenization
+from . import embeddings, error_handlers, model_info, tokenization
 from .batching import Request as EngineRequest
 from .error_handlers import error_response
 from .logprobs import chat_logprobs, completion_logprobs, joined, prompt_logprobs
@@ -467,6 +467,7 @@ def create_app(state: ServerState) -> FastAPI:
         return PlainTextResponse(prometheus(state.scheduler), media_type="text/plain; version=0.0.4")
 
     model_info.register(app, state, check_model)
+    embeddings.register(app, state, check_model)
     tokenization.register(app, state, check_model, chat_ids)
     known_paths.update(r.path for r in app.routes)
     return app

@@ -303,3 +303,51 @@ class TokenizeRequest(_Base):
 class DetokenizeRequest(_Base):
     model: str | None = None
     tokens: list[StrictInt]
+
+
+MAX_EMBED_INPUTS = 256
+"""Texts one embeddings request may hold."""
+
+
+class EmbeddingRequest(_Base):
+    """OpenAI's `/v1/embeddings`."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(default=None, ge=1)
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, v):
+        items = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else v
+        if not items or len(items) > MAX_EMBED_INPUTS:
+            raise ValueError(f"input must hold 1 to {MAX_EMBED_INPUTS} texts")
+        if any(len(x) == 0 for x in items):
+            raise ValueError("input must not hold an empty text")
+        return v
+
+    def inputs(self) -> list[str | list[int]]:
+        v = self.input
+        return [v] if isinstance(v, str) or isinstance(v[0], int) else list(v)
+
+
+class OllamaEmbed(_Base):
+    """Ollama's `/api/embed` (`input`) and its older `/api/embeddings` (`prompt`)."""
+
+    model: str
+    input: str | list[str] | None = None
+    prompt: str | None = None
+    truncate: StrictBool = True
+
+    @model_validator(mode="after")
+    def _texts(self):
+        texts = self.texts()
+        if not texts or len(texts) > MAX_EMBED_INPUTS or any(not t for t in texts):
+            raise ValueError(f"give 1 to {MAX_EMBED_INPUTS} non-empty texts (input, or prompt)")
+        return self
+
+    def texts(self) -> list[str]:
+        if self.input is not None:
+            return [self.input] if isinstance(self.input, str) else list(self.input)
+        return [] if self.prompt is None else [self.prompt]
