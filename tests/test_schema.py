@@ -37,6 +37,16 @@ SCHEMAS = [
     {"type": "integer"},
     {"enum": [1, 12, 123]},
     {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]},
+    {  # objects told apart by a const first property, as function calls by their name
+        "anyOf": [
+            {"type": "object", "properties": {"name": {"const": "add"}, "arguments": PERSON["properties"]["address"]}},
+            {
+                "type": "object",
+                "properties": {"name": {"const": "ad"}, "arguments": {"type": "array", "items": {"type": "null"}}},
+            },
+            {"type": "object", "properties": {"name": {"enum": [7]}}},
+        ]
+    },
 ]
 
 
@@ -158,6 +168,9 @@ def test_rejections():
         {"enum": [{"a": 1}]},
         {"type": "array", "items": {"type": "string"}, "minItems": 3, "maxItems": 1},
         {"type": "tuple"},
+        {"anyOf": [{"properties": {"a": {"const": 1}}}, {"properties": {"a": {"const": 1}, "b": {"type": "null"}}}]},
+        {"anyOf": [{"properties": {"a": {"const": 1}}}, {"properties": {"b": {"const": 2}}}]},
+        {"anyOf": [{"properties": {"a": {"type": "string"}}}, {"properties": {"a": {"type": "integer"}}}]},
     ],
 )
 def test_unsupported_schemas_are_refused(sch):

@@ -237,6 +237,49 @@ def test_embeddings(server):
     assert r.status_code == 400
 
 
+def test_tool_calls(server):
+    """tool_choice "required" and a named function answer with `tool_calls` whose arguments follow
+    the function's parameters, the same as the Python API under the call schema, streamed or not;
+    a conversation carrying the call and its result goes on."""
+    from openai import OpenAI
+
+    import aheadlm
+    from aheadlm.server import tools
+    from aheadlm.server.protocol import ChatMessage
+
+    llm = aheadlm.load(MODEL, drafter="none")
+    client = OpenAI(base_url=server + "/v1", api_key=KEY)
+    msgs = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+    functions = [t["function"] for t in TOOLS]
+    for choice, offered in [
+        ("required", functions),
+        ({"type": "function", "function": {"name": "add"}}, functions[1:]),
+    ]:
+        kw = dict(model=MODEL, messages=msgs, tools=TOOLS, tool_choice=choice, max_tokens=120, temperature=0)
+        r = client.chat.completions.create(**kw)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None
+        call = c.message.tool_calls[0]
+        args = json.loads(call.function.arguments)
+        params = next(f["parameters"] for f in functions if f["name"] == call.function.name)
+        assert call.function.name in [f["name"] for f in offered] and list(args) == list(params["properties"])
+        conv = tools.conversation([ChatMessage(**m) for m in msgs], offered)
+        want = llm.chat(conv, max_tokens=120, json_schema=tools.call_schema(offered))
+        assert json.loads(want.text) == {"name": call.function.name, "arguments": args}
+        deltas = [ch.choices[0] for ch in client.chat.completions.create(**kw, stream=True) if ch.choices]
+        streamed = [t for d in deltas if d.delta.tool_calls for t in d.delta.tool_calls]
+        assert [(t.function.name, t.function.arguments) for t in streamed] == [
+            (call.function.name, call.function.arguments)
+        ]
+        assert deltas[-1].finish_reason == "tool_calls"
+    history = msgs + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none", max_tokens=20)
+    assert isinstance(r.choices[0].message.content, str) and r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_tokenize_and_detokenize(server):
     """vLLM's and llama.cpp server's shapes: a prompt (special tokens as the model adds them), a
     chat (the chat endpoint's prompt), raw content (no special tokens), pieces; ids back to text."""
@@ -483,6 +526,28 @@ def test_disconnect_frees_the_slot(server):
 
 CHAT_X = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two numbers",
+            "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+        },
+    },
+]
 BAD = [
     ("/v1/chat/completions", b"{not json", 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400),
@@ -538,6 +603,31 @@ BAD = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {str(10**9): 1}}, 400),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": [1, 2]}, 400),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400),
+    ("/v1/chat/completions", {**CHAT_X, "tools": TOOLS}, 400),  # tool_choice auto, the default
+    ("/v1/chat/completions", {**CHAT_X, "tools": TOOLS, "tool_choice": "auto"}, 400),
+    ("/v1/chat/completions", {**CHAT_X, "tool_choice": "required"}, 400),
+    (
+        "/v1/chat/completions",
+        {**CHAT_X, "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "x"}}},
+        400,
+    ),
+    ("/v1/chat/completions", {**CHAT_X, "tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, 400),
+    (
+        "/v1/chat/completions",
+        {**CHAT_X, "tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+        400,
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            **CHAT_X,
+            "tools": [
+                {"type": "function", "function": {"name": "f", "parameters": {"type": "string", "pattern": "a"}}}
+            ],
+            "tool_choice": "required",
+        },
+        400,
+    ),
     ("/v1/chat/completions", {**CHAT_X, "response_format": {"type": "json_schema", "json_schema": {}}}, 400),
     ("/v1/chat/completions", {**CHAT_X, "response_format": {"kind": "json"}}, 400),
     (

@@ -5,7 +5,8 @@
 What a schema may say: `type` object (with `properties`: every property is written, in the
 schema's order, and no other, as in OpenAI's strict mode), array (`items`, `minItems`,
 `maxItems`), string, number, integer, boolean, null; `enum` and `const` of scalars; a list of
-types, `anyOf` or `oneOf` whose branches begin with different bytes. Keywords the output could
+types, `anyOf` or `oneOf` whose branches begin with different bytes, or that are objects told
+apart by a `const` first property (as function calls by their name). Keywords the output could
 break (`pattern`, lengths, ranges, `$ref`, ...) are refused, not ignored; descriptive ones
 (`title`, `description`, `required`, `additionalProperties`, ...) are read past.
 """
@@ -24,7 +25,7 @@ from .guided import DIGITS, HEXDIGITS, NUM_DONE, WS, number_start, number_step, 
 # escapes (STR, ESC, HEX), one of a set of literals (LITS: aux (node, bytes so far)), a number
 # (NUM: aux (number state, integer only)). A state is (mode, aux, stack, ws); the stack holds
 # (node, index) frames: the object's current key, or the array's items so far.
-OBJ, ARR, STRING, NUMBER, LITERALS, UNION = range(6)
+OBJ, ARR, STRING, NUMBER, LITERALS, UNION, TAGGED = range(7)
 VALUE, OBJ_FIRST, KEY, KEY_LIT, COLON, ARR_FIRST, AFTER, STR, ESC, HEX, LITS, NUM, DONE = range(13)
 MAX_NODES = 1000
 REFUSED = (
@@ -72,6 +73,9 @@ class SchemaGrammar:
             if not isinstance(branches, list) or not branches:
                 raise InvalidRequestError(f"{where}: anyOf / oneOf / type must list at least one schema")
             ids = tuple(self._compile(b, f"{where}.anyOf[{i}]") for i, b in enumerate(branches))
+            tagged = self._tagged(ids)
+            if tagged is not None:
+                return tagged
             for b in range(256):  # each first byte picks at most one branch
                 if sum(self._value(i, b, ()) is not None for i in ids) > 1:
                     raise InvalidRequestError(f"{where}: its alternatives can begin alike ({chr(b)!r})")
@@ -100,6 +104,22 @@ class SchemaGrammar:
             return self._add((LITERALS, (b"null",)))
         raise InvalidRequestError(f"{where}: type {kind!r} is not supported (a schema for any value is not)")
 
+    def _tagged(self, ids: tuple[int, ...]) -> int | None:
+        """Objects told apart by their first property, one `const` (or one-value `enum`) each, as
+        function calls are by their name: a node that reads the tag, then goes on as its object."""
+        tags, key = [], None
+        for node in ids:
+            n = self.nodes[node]
+            if n[0] != OBJ or not n[1] or (key is not None and n[1][0] != key):
+                return None
+            first = self.nodes[n[2][0]]
+            if first[0] != LITERALS or len(first[1]) != 1 or first[1][0] in tags:
+                return None
+            key = n[1][0]
+            tags.append(first[1][0])
+        tag_node = self._add((LITERALS, tuple(tags)))
+        return self._add((TAGGED, (key,), (tag_node,), tuple(tags), ids))
+
     # -- recognising -------------------------------------------------------------------------------
     def start(self) -> tuple:
         return (VALUE, self.root, (), 0)
@@ -111,7 +131,7 @@ class SchemaGrammar:
         """The state after byte `b` starts a value of `node`."""
         n = self.nodes[node]
         kind = n[0]
-        if kind == OBJ:
+        if kind in (OBJ, TAGGED):
             return (OBJ_FIRST, None, stack + ((node, 0),), 0) if b == 0x7B else None
         if kind == ARR:
             return (ARR_FIRST, None, stack + ((node, 0),), 0) if b == 0x5B else None
@@ -131,9 +151,16 @@ class SchemaGrammar:
         options, now = self.nodes[node][1], sofar + bytes([b])
         if any(o.startswith(now) for o in options):
             if now in options and not any(len(o) > len(now) and o.startswith(now) for o in options):
-                return self._after(stack)  # complete, and nothing longer could follow
+                return self._after_literal(stack, now)  # complete, and nothing longer could follow
             return (LITS, (node, now), stack, 0)
-        return self.step(self._after(stack), b) if sofar in options else None
+        return self.step(self._after_literal(stack, sofar), b) if sofar in options else None
+
+    def _after_literal(self, stack: tuple, value: bytes) -> tuple:
+        """After a literal; a tagged object's tag picks the object it goes on as."""
+        if stack and self.nodes[stack[-1][0]][0] == TAGGED:
+            n = self.nodes[stack[-1][0]]
+            return (AFTER, None, stack[:-1] + ((n[4][n[3].index(value)], 0),), 0)
+        return self._after(stack)
 
     def step(self, s: tuple, b: int) -> tuple | None:
         mode, aux, stack, ws = s

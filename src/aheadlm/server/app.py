@@ -21,7 +21,7 @@ from ..api import LLM, _StopMatcher, _through_stop
 from ..errors import ContextLengthError
 from ..sampling import SamplingParams
 from ..tokenizer import TextStream
-from . import embeddings, error_handlers, model_info, tokenization
+from . import embeddings, error_handlers, model_info, tokenization, tools
 from .batching import Request as EngineRequest
 from .error_handlers import error_response
 from .logprobs import chat_logprobs, completion_logprobs, joined, prompt_logprobs
@@ -197,8 +197,8 @@ def create_app(state: ServerState) -> FastAPI:
             if not done:
                 state.scheduler.cancel(req)
 
-    def chat_ids(messages) -> tuple[list[int], list[str]]:
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    def chat_ids(messages, functions: list[dict] | None = None) -> tuple[list[int], list[str]]:
+        msgs = tools.conversation(messages, functions)
         try:
             return state.llm.chat_prompt(msgs)
         except ValueError as e:  # the chat template rejected the conversation
@@ -234,12 +234,14 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         check_model(body.model)
-        ids, extra = chat_ids(body.messages)
+        functions = body.functions()  # then the answer is a call to one of them
+        ids, extra = chat_ids(body.messages, functions)
         params = sampling(body, body.repetition_penalty, body.logit_bias)
         n = budget(body.max_completion_tokens or body.max_tokens, len(ids))
         stops = stops_of(body.stop) + extra
+        fmt = tools.call_schema(functions) if functions else body.json_format()
         streams = [
-            run(http, ids, choice_params(params, i), n, stops, body.logprob_count(), json_format=body.json_format())
+            run(http, ids, choice_params(params, i), n, stops, body.logprob_count(), json_format=fmt)
             for i in range(body.n)
         ]
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -248,17 +250,18 @@ def create_app(state: ServerState) -> FastAPI:
         def logprobs(lps):
             return None if lps is None else {"content": chat_logprobs(tok, lps), "refusal": None}
 
+        def message(text: str, finish: str) -> tuple[dict, str]:
+            """The assistant's message and finish reason: a finished call as `tool_calls`."""
+            if functions and finish == "stop":
+                return {"role": "assistant", "content": None, "tool_calls": tools.tool_calls(text)}, "tool_calls"
+            return {"role": "assistant", "content": text}, finish
+
         if not body.stream:
             results = await gather_all(streams)
-            choices = [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs(lps),
-                    "finish_reason": finish,
-                }
-                for i, (text, finish, _, lps) in enumerate(results)
-            ]
+            choices = []
+            for i, (text, finish, _, lps) in enumerate(results):
+                msg, reason = message(text, finish)
+                choices.append({"index": i, "message": msg, "logprobs": logprobs(lps), "finish_reason": reason})
             reqs = [r for _, _, r, _ in results if r is not None]
             return {**base, "object": "chat.completion", "choices": choices, "usage": usage(*reqs) if reqs else None}
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -275,9 +278,18 @@ def create_app(state: ServerState) -> FastAPI:
                 yield chunk(
                     {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 )
-            reqs = {}
+            reqs, calls = {}, {}
             async for i, (delta, finish, r, lps) in chain(first, merged):
                 reqs[i] = r
+                if functions:  # a call is sent whole once it is complete (a cut-off one as text)
+                    calls[i] = calls.get(i, "") + delta
+                    if finish:
+                        msg, reason = message(calls[i], finish)
+                        for k, call in enumerate(msg.get("tool_calls") or []):
+                            call["index"] = k  # streamed calls carry their place
+                        yield chunk({"index": i, "delta": msg, "logprobs": None, "finish_reason": None})
+                        yield chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": reason})
+                    continue
                 if delta or lps:  # tokens whose text is held back still report their logprobs
                     yield chunk(
                         {"index": i, "delta": {"content": delta}, "logprobs": logprobs(lps), "finish_reason": None}

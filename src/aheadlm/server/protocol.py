@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_
 from ..errors import InvalidRequestError
 from ..sampling import MAX_TOP_LOGPROBS
 from ..schema import SchemaGrammar
+from .tools import call_schema
 
 
 class APIError(Exception):
@@ -55,7 +56,6 @@ class StreamOptions(BaseModel):
 # Fields that would change the answer but that this server does not implement, with the values
 # that mean "off" (clients often send those): anything else is a 400, not a silent wrong answer.
 UNSUPPORTED_OPENAI = {
-    "tools": (None, []),
     "functions": (None, []),
     "best_of": (None, 1),
     "suffix": (None, ""),
@@ -173,10 +173,63 @@ class _TopLogprobs(_Base):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class ChatCompletionRequest(_TopLogprobs, SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    """Read past: an answer makes one call."""
+
+    @model_validator(mode="after")
+    def _tools(self):
+        if not self.tools:
+            if self.tool_choice not in (None, "none", "auto"):
+                raise ValueError("tool_choice needs tools")
+            return self
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise ValueError("tools must have distinct names")
+        choice = self.tool_choice
+        if choice in (None, "auto"):
+            raise ValueError(
+                'tool_choice "auto" (the default with tools) is not supported: this server cannot tell a '
+                'model\'s calls from its text; send tool_choice "required" or {"type": "function", '
+                '"function": {"name": ...}}'
+            )
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            if name not in names:
+                raise ValueError(
+                    'tool_choice must be "none", "required" or {"type": "function", "function": {"name": <a tool>}}'
+                )
+        if choice != "none" and self.json_format():
+            raise ValueError("tools and a JSON response_format cannot be used together")
+        functions = self.functions()
+        if functions:
+            _check_schema(call_schema(functions))
+        return self
+
+    def functions(self) -> list[dict] | None:
+        """The functions the answer must call one of (OpenAI function objects), or None for text."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        named = self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None
+        return [t.function.model_dump(exclude_none=True) for t in self.tools if named in (None, t.function.name)]
 
 
 class CompletionRequest(SamplingFields):
