@@ -644,6 +644,7 @@ BAD = [
     ("/api/generate", {"model": MODEL, "prompt": "x", "images": ["aGk="]}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "x", "format": {"type": "object"}}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "x", "format": "yaml"}, 400),
+    ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": TOOLS}, 400),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, 400),
     ("/v1/embeddings", {"model": MODEL, "input": ""}, 400),
     ("/v1/embeddings", {"model": MODEL, "input": []}, 400),

@@ -60,7 +60,7 @@ UNSUPPORTED_OPENAI = {
     "best_of": (None, 1),
     "suffix": (None, ""),
 }
-UNSUPPORTED_OLLAMA = {"images": (None, []), "template": (None, ""), "context": (None, [])}
+UNSUPPORTED_OLLAMA = {"images": (None, []), "tools": (None, []), "template": (None, ""), "context": (None, [])}
 
 
 def refuse_unsupported(extra: dict[str, Any] | None, table: dict[str, tuple]) -> None:
