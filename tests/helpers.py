@@ -272,3 +272,14 @@ def toy_table(n=160):
     vocab = (FRAGMENTS + words)[:n]
     special = [t in (b"<eos>", b"<special>") for t in vocab]
     return GuideTable(vocab, special)
+
+
+def default_and_plain(name: str):
+    """A registered model decoding as it does by default (speculatively), and an `LLM` decoding the
+    same weights plainly: one load, not two."""
+    import aheadlm
+    from aheadlm.engine import Engine
+
+    spec = aheadlm.load(name)
+    plain = Engine(spec.engine.model, n_ctx=spec.engine.n_ctx)
+    return spec, aheadlm.LLM(plain, spec.tokenizer, spec.name)

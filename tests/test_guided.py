@@ -15,7 +15,7 @@ from aheadlm.proposers import MTPProposer, NgramProposer
 from aheadlm.sampling import SamplingParams
 from aheadlm.speculative import SpecConfig
 
-from helpers import ours_from_hf, tiny_hf, toy_table
+from helpers import default_and_plain, ours_from_hf, tiny_hf, toy_table
 
 
 def complete(text: str) -> bool:
@@ -220,9 +220,7 @@ def test_a_vocabulary_that_cannot_go_on_ends_the_output():
 def test_real_models_json_mode(name):
     """Each model's default speculative decoding gives plain decoding's JSON-mode answer, and a
     finished answer parses as one object."""
-    import aheadlm
-
-    spec, plain = aheadlm.load(name), aheadlm.load(name, drafter="none")
+    spec, plain = default_and_plain(name)
     prompts = ["A JSON object describing a city, with name, country and population:", "List three colors."]
     for prompt in prompts:
         want = plain.generate(prompt, max_tokens=64, json_mode=True)

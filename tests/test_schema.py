@@ -16,7 +16,7 @@ from aheadlm.sampling import SamplingParams
 from aheadlm.schema import SchemaGrammar
 from aheadlm.speculative import SpecConfig
 
-from helpers import ours_from_hf, tiny_hf, toy_table
+from helpers import default_and_plain, ours_from_hf, tiny_hf, toy_table
 
 PERSON = {
     "type": "object",
@@ -227,9 +227,7 @@ RECIPE = {
 def test_real_models_follow_a_schema(name):
     """Default speculative decoding gives plain decoding's answer under the schema, and a finished
     answer conforms to it."""
-    import aheadlm
-
-    spec, plain = aheadlm.load(name), aheadlm.load(name, drafter="none")
+    spec, plain = default_and_plain(name)
     msgs = [{"role": "user", "content": "Give me a short recipe for pancakes."}]
     want = plain.chat(msgs, max_tokens=160, json_schema=RECIPE)
     got = spec.chat(msgs, max_tokens=160, json_schema=RECIPE)

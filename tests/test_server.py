@@ -30,6 +30,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
+def plain_llm():
+    """The server's model in this process, decoding plainly: what the server must agree with."""
+    import aheadlm
+
+    return aheadlm.load(MODEL, drafter="none")
+
+
+@pytest.fixture(scope="module")
 def server():
     port = free_port()
     env = {**os.environ, "AHEADLM_QUIET": "1"}
@@ -126,14 +134,12 @@ def test_openai_client(server):
     assert " 7" not in stopped.choices[0].text and stopped.choices[0].finish_reason == "stop"
 
 
-def test_penalties_and_logit_bias(server):
+def test_penalties_and_logit_bias(server, plain_llm):
     """OpenAI's presence and frequency penalties and `logit_bias`, and Ollama's penalty options,
     give what the Python API gives with the same values; a bias of -100 bans a token."""
     from openai import OpenAI
 
-    import aheadlm
-
-    llm = aheadlm.load(MODEL, drafter="none")
+    llm = plain_llm
     client = OpenAI(base_url=server + "/v1", api_key=KEY)
     prompt = "Count: one, two, three,"
     banned = llm.generate(prompt, max_tokens=1).token_ids[0]
@@ -148,15 +154,13 @@ def test_penalties_and_logit_bias(server):
     assert g["response"] == llm.generate(prompt, **kw).text
 
 
-def test_json_mode(server):
+def test_json_mode(server, plain_llm):
     """`response_format: json_object` (chat, completions) and Ollama's `format: "json"` give the
     Python API's `json_mode` answer, and it parses as one JSON object; a JSON schema (OpenAI's
     `json_schema`, Ollama's schema `format`) gives the API's `json_schema` answer."""
     from openai import OpenAI
 
-    import aheadlm
-
-    llm = aheadlm.load(MODEL, drafter="none")
+    llm = plain_llm
     client = OpenAI(base_url=server + "/v1", api_key=KEY)
     msgs = [{"role": "user", "content": "Describe a cat as JSON with a name and an age."}]
     ref = llm.chat(msgs, max_tokens=120, json_mode=True)
@@ -201,15 +205,13 @@ def test_json_mode(server):
     assert g["message"]["content"] == want.text
 
 
-def test_embeddings(server):
+def test_embeddings(server, plain_llm):
     """OpenAI's /v1/embeddings (float and the client's default base64) and Ollama's /api/embed and
     /api/embeddings give `LLM.embed`'s unit vectors; a text past the context is an error on
     /v1 and cut to it on Ollama's (its `truncate`, on by default)."""
     from openai import OpenAI
 
-    import aheadlm
-
-    llm = aheadlm.load(MODEL, drafter="none")
+    llm = plain_llm
     client = OpenAI(base_url=server + "/v1", api_key=KEY)
     texts = ["The cat sat on the mat.", "A kitten rested on the rug.", "Quarterly revenue grew by 8%."]
     want = [llm.embed(t) for t in texts]
@@ -237,17 +239,16 @@ def test_embeddings(server):
     assert r.status_code == 400
 
 
-def test_tool_calls(server):
+def test_tool_calls(server, plain_llm):
     """tool_choice "required" and a named function answer with `tool_calls` whose arguments follow
     the function's parameters, the same as the Python API under the call schema, streamed or not;
     a conversation carrying the call and its result goes on."""
     from openai import OpenAI
 
-    import aheadlm
     from aheadlm.server import tools
     from aheadlm.server.protocol import ChatMessage
 
-    llm = aheadlm.load(MODEL, drafter="none")
+    llm = plain_llm
     client = OpenAI(base_url=server + "/v1", api_key=KEY)
     msgs = [{"role": "user", "content": "What is the weather in Paris right now?"}]
     functions = [t["function"] for t in TOOLS]
@@ -280,12 +281,11 @@ def test_tool_calls(server):
     assert isinstance(r.choices[0].message.content, str) and r.choices[0].finish_reason in ("stop", "length")
 
 
-def test_tokenize_and_detokenize(server):
+def test_tokenize_and_detokenize(server, plain_llm):
     """vLLM's and llama.cpp server's shapes: a prompt (special tokens as the model adds them), a
     chat (the chat endpoint's prompt), raw content (no special tokens), pieces; ids back to text."""
-    import aheadlm
 
-    llm = aheadlm.load(MODEL, drafter="none")
+    llm = plain_llm
     text = "Speculative decoding, naïvely: 🚀"
 
     def post(path, body):
@@ -307,16 +307,15 @@ def test_tokenize_and_detokenize(server):
     assert back["prompt"] == back["content"] == text
 
 
-def test_logprobs(server):
+def test_logprobs(server, plain_llm):
     """OpenAI chat, legacy completions and Ollama give each token's log-probability and the most
     likely alternatives: the same streamed or not, covering the tokens through a stop string, and
     the same bits as plain decoding in this process (the server decodes speculatively, in rows)."""
     from openai import OpenAI
 
-    import aheadlm
     from aheadlm.server.logprobs import token_text
 
-    llm = aheadlm.load(MODEL, drafter="none")
+    llm = plain_llm
     client = OpenAI(base_url=server + "/v1", api_key=KEY)
     msgs = [{"role": "user", "content": "List the first five prime numbers."}]
     ref = llm.chat(msgs, max_tokens=20, logprobs=3)
@@ -369,14 +368,13 @@ def test_logprobs(server):
     )
 
 
-def test_echo_scores_the_prompt(server):
+def test_echo_scores_the_prompt(server, plain_llm):
     """What evaluation harnesses send (lm-eval's local-completions: token ids, echo, logprobs 1,
     max_tokens 1, several prompts a request): the prompt comes back with each token's
     log-probability (the first null), equal bit for bit to `LLM.score` in this process, then the
     completion's; max_tokens 0 scores only; streamed, the prompt is the first chunk."""
-    import aheadlm
 
-    llm = aheadlm.load(MODEL, drafter="none")
+    llm = plain_llm
     texts = ["The capital of France is Paris.", "Water boils at 100 degrees Celsius at sea level."]
     ids = [llm.tokenizer.encode(t) for t in texts]
     body = {"model": MODEL, "prompt": ids, "echo": True, "logprobs": 1, "temperature": 0, "seed": 1234}

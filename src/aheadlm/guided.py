@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 # Recogniser modes. A state is (mode, aux, stack, ws): aux carries the mode's detail (the number's
-# part, a literal's remaining bytes, whether a string is a key), stack the open containers
-# ("o" object, "a" array), ws the current whitespace run.
-TOP, VALUE, OBJ_FIRST, KEY, COLON, ARR_FIRST, AFTER, STR, ESC, HEX, NUM, LIT, DONE = range(13)
+# state, a literal's remaining bytes, (whether a string is a key, its `string_step` state)),
+# stack the open containers ("o" object, "a" array), ws the current whitespace run.
+TOP, VALUE, OBJ_FIRST, KEY, COLON, ARR_FIRST, AFTER, STR, NUM, LIT, DONE = range(11)
 WS = frozenset(b" \t\n\r")
 MAX_INDENT = 20
 """Whitespace between the tokens of the JSON is a single space, or a newline and at most this
@@ -71,7 +71,7 @@ def _value(b: int, stack: str) -> State | None:
     if b == 0x5B:  # [
         return (ARR_FIRST, None, stack + "a", 0)
     if b == 0x22:  # "
-        return (STR, False, stack, 0)
+        return (STR, (False, 0), stack, 0)
     if b == 0x2D or b in DIGITS:
         return (NUM, number_start(b), stack, 0)
     for lit in (b"true", b"false", b"null"):
@@ -90,20 +90,11 @@ def step(s: State, b: int) -> State | None:
     """The state after byte `b`, or None where JSON cannot go on with it."""
     mode, aux, stack, ws = s
     if mode == STR:
-        if b == 0x22:
-            return (COLON, None, stack, 0) if aux else _after_value(stack)
-        if b == 0x5C:
-            return (ESC, aux, stack, 0)
-        return None if b < 0x20 else s
-    if mode == ESC:
-        if b == 0x75:  # \uXXXX
-            return (HEX, (aux, 4), stack, 0)
-        return (STR, aux, stack, 0) if b in b'"\\/bfnrt' else None
-    if mode == HEX:
-        if b not in HEXDIGITS:
-            return None
-        key, left = aux
-        return (STR, key, stack, 0) if left == 1 else (HEX, (key, left - 1), stack, 0)
+        key, inner = aux
+        nxt = string_step(inner, b)
+        if nxt == STRING_END:
+            return (COLON, None, stack, 0) if key else _after_value(stack)
+        return None if nxt is None else (STR, (key, nxt), stack, 0)
     if mode == LIT:
         if b != aux[0]:
             return None
@@ -125,15 +116,29 @@ def step(s: State, b: int) -> State | None:
     if mode == ARR_FIRST:
         return _close(b, stack) or _value(b, stack)
     if mode == OBJ_FIRST:
-        return _close(b, stack) or ((STR, True, stack, 0) if b == 0x22 else None)
+        return _close(b, stack) or ((STR, (True, 0), stack, 0) if b == 0x22 else None)
     if mode == KEY:
-        return (STR, True, stack, 0) if b == 0x22 else None
+        return (STR, (True, 0), stack, 0) if b == 0x22 else None
     if mode == COLON:
         return (VALUE, None, stack, 0) if b == 0x3A else None
     # AFTER a value inside a container: a comma or the container's closer
     if b == 0x2C:
         return (KEY, None, stack, 0) if stack[-1] == "o" else (VALUE, None, stack, 0)
     return _close(b, stack)
+
+
+STRING_END = -2
+
+
+def string_step(inner: int, b: int) -> int | None:
+    """Inside a JSON string: its state after byte `b` (`inner` 0 in its text, -1 after a
+    backslash, 1..4 hex digits of a \\u escape still to come), `STRING_END` after the closing
+    quote, or None where the string cannot take `b`."""
+    if inner == 0:
+        return STRING_END if b == 0x22 else -1 if b == 0x5C else None if b < 0x20 else 0
+    if inner == -1:
+        return 4 if b == 0x75 else 0 if b in b'"\\/bfnrt' else None
+    return inner - 1 if b in HEXDIGITS else None
 
 
 def number_start(b: int) -> tuple[int, int]:
@@ -191,7 +196,7 @@ class JsonGrammar:
     @staticmethod
     def in_string(s: State) -> bool:
         """Whether tokens without quotes, backslashes or control bytes leave `s` as it is."""
-        return s[0] == STR
+        return s[0] == STR and s[1][1] == 0
 
     @staticmethod
     def signature(s: State, closers: int) -> tuple:
@@ -297,9 +302,9 @@ class JsonGuide:
         (under the mask, only a stop token after the object)."""
         if not self._states:
             self._states.append(self.grammar.start())
-        n = 0
-        while n < min(len(output), len(self._tokens)) and output[n] == self._tokens[n]:
-            n += 1
+        n = min(len(output), len(self._tokens))
+        if list(output[:n]) != self._tokens[:n]:  # rejected drafts: where the two part (compared in C first)
+            n = next(i for i in range(n) if output[i] != self._tokens[i])
         del self._tokens[n:], self._states[n + 1 :]
         for t in output[n:]:
             s = self._states[-1]
@@ -315,16 +320,17 @@ class JsonGuide:
         """`logits` [N, V] of the position after `output` with every token JSON forbids at -inf."""
         s = self.state(output)
         V = logits.shape[-1]
-        stops = torch.tensor([t for t in self.stop_ids if t < V], dtype=torch.long)
-        ids, forbid = (stops[:0], None) if s is None else self.table.kept(s, V, self.grammar)
+        ids, forbid = (torch.zeros(0, dtype=torch.long), None) if s is None else self.table.kept(s, V, self.grammar)
         end = s is None or self.grammar.done(s)  # a stop token may come (a top-level number may also go on)
+        stuck = forbid is None and not len(ids)  # no token can go on (no real vocabulary): end
+        stops = [t for t in self.stop_ids if t < V] if end or stuck else []
         if forbid is not None:
-            if end:
+            if stops:
                 forbid = forbid.clone()
                 forbid[stops] = False
             return logits.masked_fill(forbid.to(logits.device), float("-inf"))
-        if end or not len(ids):  # (no token: a vocabulary that cannot go on, no real one) end
-            ids = torch.cat([ids, stops])
+        if stops:
+            ids = torch.cat([ids, torch.tensor(stops, dtype=torch.long)])
         ids = ids.to(logits.device)
         out = torch.full_like(logits, float("-inf"))
         out[:, ids] = logits[:, ids]

@@ -17,16 +17,16 @@ import json
 from typing import Any
 
 from .errors import InvalidRequestError
-from .guided import DIGITS, HEXDIGITS, NUM_DONE, WS, number_start, number_step, ws_step
+from .guided import DIGITS, NUM_DONE, STRING_END, WS, number_start, number_step, string_step, ws_step
 
 # Node kinds, and the recogniser's modes: a value of node `aux` (VALUE), an object's first key
 # or next key (OBJ_FIRST, KEY), inside a key's literal (KEY_LIT), its colon (COLON), an array's
-# first item (ARR_FIRST), after a value in the innermost container (AFTER), a free string and its
-# escapes (STR, ESC, HEX), one of a set of literals (LITS: aux (node, bytes so far)), a number
-# (NUM: aux (number state, integer only)). A state is (mode, aux, stack, ws); the stack holds
+# first item (ARR_FIRST), after a value in the innermost container (AFTER), a free string (STR:
+# aux its `guided.string_step` state), one of a set of literals (LITS: aux (node, bytes so far)),
+# a number (NUM: aux (number state, integer only)). A state is (mode, aux, stack, ws); the stack holds
 # (node, index) frames: the object's current key, or the array's items so far.
 OBJ, ARR, STRING, NUMBER, LITERALS, UNION, TAGGED = range(7)
-VALUE, OBJ_FIRST, KEY, KEY_LIT, COLON, ARR_FIRST, AFTER, STR, ESC, HEX, LITS, NUM, DONE = range(13)
+VALUE, OBJ_FIRST, KEY, KEY_LIT, COLON, ARR_FIRST, AFTER, STR, LITS, NUM, DONE = range(11)
 MAX_NODES = 1000
 REFUSED = (
     "$ref", "pattern", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
@@ -136,7 +136,7 @@ class SchemaGrammar:
         if kind == ARR:
             return (ARR_FIRST, None, stack + ((node, 0),), 0) if b == 0x5B else None
         if kind == STRING:
-            return (STR, None, stack, 0) if b == 0x22 else None
+            return (STR, 0, stack, 0) if b == 0x22 else None
         if kind == NUMBER:
             return (NUM, (number_start(b), n[1]), stack, 0) if b == 0x2D or b in DIGITS else None
         if kind == LITERALS:
@@ -165,15 +165,10 @@ class SchemaGrammar:
     def step(self, s: tuple, b: int) -> tuple | None:
         mode, aux, stack, ws = s
         if mode == STR:
-            if b == 0x22:
+            nxt = string_step(aux, b)
+            if nxt == STRING_END:
                 return self._after(stack)
-            return (ESC, None, stack, 0) if b == 0x5C else (None if b < 0x20 else s)
-        if mode == ESC:
-            if b == 0x75:
-                return (HEX, 4, stack, 0)
-            return (STR, None, stack, 0) if b in b'"\\/bfnrt' else None
-        if mode == HEX:
-            return None if b not in HEXDIGITS else (STR, None, stack, 0) if aux == 1 else (HEX, aux - 1, stack, 0)
+            return None if nxt is None else (STR, nxt, stack, 0)
         if mode == KEY_LIT:
             if b != aux[0]:
                 return None
@@ -225,7 +220,7 @@ class SchemaGrammar:
 
     @staticmethod
     def in_string(s: tuple) -> bool:
-        return s[0] == STR
+        return s[0] == STR and s[1] == 0
 
     def signature(self, s: tuple, closers: int) -> tuple:
         """The state, with an array's count cut to what its limits tell apart."""

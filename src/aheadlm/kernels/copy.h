@@ -46,21 +46,19 @@ inline std::tuple<torch::Tensor, torch::Tensor> copy_aim(torch::Tensor q, std::v
     TORCH_CHECK((bf16 || k.scalar_type() == torch::kFloat32) && k.dim() == 4 && k.size(1) == n && k.size(2) >= S &&
                     k.size(3) == D && k.stride(3) == 1,
                 "copy_aim: keys");
-    std::vector<float> wide(bf16 ? D : 0);  // a bfloat16 key row as floats
-    for (int64_t o = 0; o < 2; ++o)
-      for (int64_t j = 0; j < n; ++j) {
-        const float* qr = qp + ((i * 2 + o) * n + j) * D;
-        for (int64_t s = 0; s < S; ++s) {
-          const int64_t at = j * k.stride(1) + s * k.stride(2);
-          const float* kr = wide.data();
-          if (bf16) {
-            const bf16_t* h = static_cast<const bf16_t*>(k.data_ptr()) + at;
-            for (int64_t d = 0; d < D; ++d) wide[d] = from_bf16(h[d]);
-          } else {
-            kr = static_cast<const float*>(k.data_ptr()) + at;
-          }
-          score[o * S + s] += dot(qr, kr, D);
+    std::vector<float> wide(bf16 ? D : 0);  // a bfloat16 key row as floats, widened once for both outputs
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t at = j * k.stride(1) + s * k.stride(2);
+        const float* kr = wide.data();
+        if (bf16) {
+          const bf16_t* h = static_cast<const bf16_t*>(k.data_ptr()) + at;
+          for (int64_t d = 0; d < D; ++d) wide[d] = from_bf16(h[d]);
+        } else {
+          kr = static_cast<const float*>(k.data_ptr()) + at;
         }
+        // each score still adds its heads j in order, so the sums are the same bits as before
+        for (int64_t o = 0; o < 2; ++o) score[o * S + s] += dot(qp + ((i * 2 + o) * n + j) * D, kr, D);
       }
   }
   std::vector<char> ok(2 * S);

@@ -43,6 +43,11 @@ class _Base(BaseModel):
         raise ValueError("stop must be a string or a list of at most 16 strings")
 
 
+def texts_or_ids(v: str | list) -> list[str | list[int]]:
+    """OpenAI's one-or-many input (a string, token ids, or a list of either) as a list of them."""
+    return [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else list(v)
+
+
 MAX_CHOICES = 16
 """Choices (`n`) one request may ask for; each decodes as a request of its own."""
 MAX_PROMPTS = 64
@@ -259,10 +264,7 @@ class CompletionRequest(SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, each a string or token ids."""
-        v = self.prompt
-        if isinstance(v, str) or (v and isinstance(v[0], int)):
-            return [v]
-        return list(v)
+        return texts_or_ids(self.prompt)
 
 
 class OllamaOptions(_Base):
@@ -373,7 +375,7 @@ class EmbeddingRequest(_Base):
     @field_validator("input")
     @classmethod
     def _inputs(cls, v):
-        items = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else v
+        items = texts_or_ids(v)
         if not items or len(items) > MAX_EMBED_INPUTS:
             raise ValueError(f"input must hold 1 to {MAX_EMBED_INPUTS} texts")
         if any(len(x) == 0 for x in items):
@@ -381,8 +383,7 @@ class EmbeddingRequest(_Base):
         return v
 
     def inputs(self) -> list[str | list[int]]:
-        v = self.input
-        return [v] if isinstance(v, str) or isinstance(v[0], int) else list(v)
+        return texts_or_ids(self.input)
 
 
 class OllamaEmbed(_Base):
